@@ -1,0 +1,1 @@
+"""Generated gRPC code for proto/element.proto (regenerate with `python proto/generate.py`)."""
