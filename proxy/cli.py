@@ -1,0 +1,114 @@
+"""`element-proxy`: run the proxy, or its `demo` and `iptables` subcommands.
+
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 2 for bad configuration (the
+message names the key), 1 when a listener cannot be opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from proxy import config as cfg
+from proxy import logs
+from proxy.worker import Worker
+
+log = logging.getLogger("proxy")
+
+ENVIRONMENT_HELP = """environment:
+  TARGET_ADDR   HOST:PORT to dial when a connection was not redirected (no original destination)
+  ELEMENTS      comma-separated element addresses, in chain order (when no --element is given)
+  LOG_LEVEL     debug (default) | info | warning | error
+  LOG_FORMAT    console (default) | json
+
+subcommands:
+  element-proxy demo       run the proxy with example elements in front of a local target, no root needed
+  element-proxy iptables   install | uninstall | show the REDIRECT rules (see docs/iptables.md)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="element-proxy", epilog=ENVIRONMENT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Transparent TCP proxy that streams every chunk through a chain of gRPC elements.")
+    add = parser.add_argument
+    add("--config", type=Path, help="TOML file with settings and [[element]] tables")
+    add("--listen", action="append", metavar="HOST:PORT",
+        help="address to accept on, repeatable; replaces the defaults 0.0.0.0:15002 and 0.0.0.0:15006 "
+             "(IPv6 as [::]:15002)")
+    add("--element", action="append", metavar="HOST:PORT", help="element address, repeatable, in chain order")
+    add("--element-failure", choices=cfg.FAILURE_POLICIES,
+        help="failure policy of --element/ELEMENTS elements (default closed)")
+    add("--element-timeout-ms", type=int, help="per-event timeout of --element/ELEMENTS elements (default 1000)")
+    add("--target", metavar="HOST:PORT", help="fallback destination, like TARGET_ADDR")
+    add("--chunk-size", type=int, help="largest chunk sent to elements, bytes (default 65536)")
+    add("--window", type=int, help="chunks in flight per direction of a connection (default 8)")
+    add("--high-water", type=int, help="bytes buffered per direction before reading pauses (default 1048576)")
+    add("--upstream-mark", help="SO_MARK for upstream sockets, so iptables can exclude them (default 0: off)")
+    add("--connect-timeout-ms", type=int, help="upstream connect timeout (default 5000)")
+    add("--event-loop", choices=cfg.EVENT_LOOPS, help="uvloop (default) or the stdlib asyncio loop")
+    add("--log-level", help="like LOG_LEVEL")
+    add("--log-format", help="like LOG_FORMAT")
+    return parser
+
+
+def load(argv: Sequence[str], env: Mapping[str, str]) -> cfg.ProxyConfig:
+    """Parses flags, reads the file they name, merges the environment: the effective config."""
+    args = _parser().parse_args(argv)
+    flags: dict[str, Any] = {key: value for key, value in vars(args).items() if key != "config"}
+    file = cfg.read_file(args.config) if args.config else {}
+    return cfg.build(file, env, flags)
+
+
+async def _serve(config: cfg.ProxyConfig) -> None:
+    worker = Worker(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await worker.start()
+        log.info("element-proxy ready", extra=logs.fields(**cfg.describe(config)))
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await worker.stop()
+
+
+def run(config: cfg.ProxyConfig) -> int:
+    if config.event_loop == "uvloop":
+        import uvloop
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    else:
+        runner = asyncio.Runner()
+    with runner:
+        try:
+            runner.run(_serve(config))
+        except OSError as error:
+            log.error("cannot listen: %s", error)
+            return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["iptables"]:
+        from proxy import iptables
+        return iptables.main(argv[1:])
+    if argv[:1] == ["demo"]:
+        from proxy import demo
+        return demo.main(argv[1:])
+    try:
+        config = load(argv, os.environ)
+    except cfg.ConfigError as error:
+        print(f"element-proxy: configuration error: {error}", file=sys.stderr)
+        return 2
+    logs.setup(config.log_level, config.log_format)
+    return run(config)

@@ -1,0 +1,326 @@
+"""One proxied connection: asyncio transports on both sides of a chain.Flow.
+
+This module does the I/O the Flow asks for and nothing else: it finds where the
+client was going, dials it, feeds reads into the lanes, writes what the lanes
+release, half-closes, and ends with FIN or RST. Decisions live in chain.py.
+
+Half-close goes through shutdown(SHUT_WR) on the socket once the transport's write
+buffer is empty, never transport.write_eof(): under connection churn uvloop's
+write_eof path aborted the whole process (DESIGN.md, "Known hazard").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import struct
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, cast
+
+from elements.api import element_pb2 as pb
+from proxy.chain import Direction, Flow, Outcome, VerdictTarget
+from proxy.config import HostPort
+from proxy.logs import fields
+from proxy.origdst import original_destination
+
+if TYPE_CHECKING:
+    from proxy.worker import Worker
+
+log = logging.getLogger("proxy.connection")
+
+# Why a source is not being read; reading resumes when no reason is left.
+PAUSE_FLOW = 1        # the lane holds high_water bytes
+PAUSE_DEST_FULL = 2   # the other side's write buffer is full
+PAUSE_STARTING = 4    # Open phase running, or the upstream is not connected yet
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _plain_ip(host: str) -> str:
+    """'::ffff:10.0.0.1' -> '10.0.0.1', so IPv4 clients of a dual-stack socket compare equal."""
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def _address(host_port: tuple[str, int]) -> pb.Address:
+    return pb.Address(ip=host_port[0], port=host_port[1])
+
+
+def _half_close(transport: asyncio.Transport) -> None:
+    sock = socket.socket(fileno=transport.get_extra_info("socket").fileno())
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the peer is gone; connection_lost reports it
+    finally:
+        sock.detach()
+
+
+def _abort_with_rst(transport: asyncio.Transport | None) -> None:
+    if transport is None or transport.is_closing():
+        if transport is not None:
+            transport.abort()
+        return
+    try:
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass  # already closed by the kernel: abort below is all that is left to do
+    transport.abort()
+
+
+class _Side(asyncio.Protocol):
+    """The asyncio protocol of one socket; `reads` is the lane its bytes feed."""
+
+    __slots__ = ("conn", "reads")
+
+    def __init__(self, conn: Connection, reads: Direction) -> None:
+        self.conn = conn
+        self.reads = reads
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.flow.lane(self.reads).feed(data)
+
+    def eof_received(self) -> bool:
+        self.conn.flow.lane(self.reads).feed_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.side_lost(self.reads, exc)
+
+    def pause_writing(self) -> None:
+        self.conn.pause(_other(self.reads), PAUSE_DEST_FULL)
+
+    def resume_writing(self) -> None:
+        self.conn.writable_again(self.reads)
+
+
+class ClientSide(_Side):
+    """Accepted socket: creating the Connection is all connection_made does."""
+
+    def __init__(self, worker: Worker, listener: HostPort) -> None:
+        self.worker = worker
+        self.listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.reads = Direction.REQUEST
+        self.conn = Connection(self.worker, self.listener, cast(asyncio.Transport, transport))
+        self.conn.start()
+
+
+class UpstreamSide(_Side):
+    """Dialed socket: the response lane reads it."""
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__(conn, Direction.RESPONSE)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn.upstream_made(cast(asyncio.Transport, transport))
+
+
+def _other(direction: Direction) -> Direction:
+    return Direction.RESPONSE if direction == Direction.REQUEST else Direction.REQUEST
+
+
+class Connection:
+    """Implements chain.FlowOutput with real sockets."""
+
+    def __init__(self, worker: Worker, listener: HostPort, client: asyncio.Transport) -> None:
+        self.worker = worker
+        self.id = worker.ids.next()
+        self.listener = listener
+        self.client: asyncio.Transport | None = client
+        self.upstream: asyncio.Transport | None = None
+        self.sessions = worker.chain.sessions
+        self.flow = Flow(worker.chain.plan, worker.limits, self)
+        self.paused = {Direction.REQUEST: 0, Direction.RESPONSE: PAUSE_STARTING}
+        self.eof_after_drain: set[Direction] = set()
+        self.early: list[bytes] = []
+        self.early_bytes = 0
+        self.early_eof = False
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.started = time.monotonic()
+        self.client_address = ("", 0)
+        self.destination: HostPort | None = None
+        self.dial_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        client = self.client
+        assert client is not None
+        self.pause(Direction.REQUEST, PAUSE_STARTING)
+        sock = client.get_extra_info("socket")
+        peer = client.get_extra_info("peername")
+        local = client.get_extra_info("sockname")
+        self.client_address = (_plain_ip(peer[0]), peer[1])
+        self.worker.opened(self)
+        original = original_destination(sock)
+        if original is not None and (_plain_ip(original[0]), original[1]) != (_plain_ip(local[0]), local[1]):
+            self.destination = HostPort(original[0], original[1])
+        elif self.worker.config.target is not None:
+            self.destination = self.worker.config.target
+        else:
+            self._log_open()
+            self.flow.reset(Outcome.FAILURE, "not redirected (its original destination is the proxy's own "
+                                         "address) and TARGET_ADDR is unset: the proxy never dials itself")
+            return
+        self._log_open()
+        self.flow.start()
+
+    def _log_open(self) -> None:
+        log.debug("connection opened", extra=fields(
+            conn=self.id, client=str(HostPort(*self.client_address)), destination=str(self.destination),
+            listener=str(self.listener)))
+
+    # --- chain.FlowOutput -------------------------------------------------------------
+
+    def send_open(self, element: int, metadata: Mapping[str, str], target: VerdictTarget | None, pos: int) -> None:
+        destination = self.destination
+        assert destination is not None
+        event = pb.OpenEvent(connection_id=self.id, client=_address(self.client_address),
+                             original_destination=pb.Address(ip=destination.host, port=destination.port),
+                             listener=pb.Address(ip=self.listener.host, port=self.listener.port),
+                             metadata=metadata)
+        self.sessions[element].send_open(event, target, pos)
+
+    def send_data(self, element: int, seq: int, direction: Direction, data: bytes, end_of_stream: bool,
+                  metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None:
+        self.sessions[element].send_data(self.id, seq, direction, data, end_of_stream, metadata, target, pos)
+
+    def send_close(self, element: int, outcome: Outcome) -> None:
+        self.sessions[element].send_close(self.id, outcome, self.request_bytes, self.response_bytes)
+
+    def write(self, direction: Direction, data: bytes) -> None:
+        if direction == Direction.REQUEST:
+            self.request_bytes += len(data)
+            if self.upstream is None:
+                self.early.append(data)
+                self.early_bytes += len(data)
+                if self.early_bytes >= self.worker.limits.high_water:
+                    self.pause(Direction.REQUEST, PAUSE_STARTING)
+                return
+            self.upstream.write(data)
+        else:
+            self.response_bytes += len(data)
+            assert self.client is not None
+            self.client.write(data)
+
+    def write_eof(self, direction: Direction) -> None:
+        transport = self.upstream if direction == Direction.REQUEST else self.client
+        if transport is None:
+            self.early_eof = True
+        elif transport.get_write_buffer_size() == 0:
+            _half_close(transport)
+        else:
+            self.eof_after_drain.add(direction)
+            transport.set_write_buffer_limits(high=0, low=0)
+
+    def set_reading(self, direction: Direction, reading: bool) -> None:
+        if reading:
+            self.resume(direction, PAUSE_FLOW)
+        else:
+            self.pause(direction, PAUSE_FLOW)
+
+    def dial(self) -> None:
+        self.dial_task = asyncio.create_task(self._dial())
+
+    def finish(self, outcome: Outcome, detail: str) -> None:
+        if self.dial_task is not None and not self.dial_task.done():
+            self.dial_task.cancel()
+        if outcome.graceful:
+            for transport in (self.client, self.upstream):
+                if transport is not None:
+                    transport.close()
+        else:
+            _abort_with_rst(self.client)
+            _abort_with_rst(self.upstream)
+        self.worker.closed(self)
+        level = logging.INFO if outcome in (Outcome.COMPLETED, Outcome.CLOSED_BY_ELEMENT, Outcome.PEER_RESET,
+                                            Outcome.RESET_BY_ELEMENT) else logging.WARNING
+        log.log(level, "connection closed", extra=fields(
+            conn=self.id, outcome=outcome.name.lower(), detail=detail or None,
+            client=str(HostPort(*self.client_address)), destination=str(self.destination),
+            request_bytes=self.request_bytes, response_bytes=self.response_bytes,
+            duration_ms=round((time.monotonic() - self.started) * 1000, 1)))
+
+    # --- transport events -------------------------------------------------------------
+
+    async def _dial(self) -> None:
+        destination = self.destination
+        assert destination is not None
+        config = self.worker.config
+        loop = asyncio.get_running_loop()
+        sock: socket.socket | None = None
+        try:
+            async with asyncio.timeout(config.connect_timeout_ms / 1000):
+                infos = await loop.getaddrinfo(destination.host, destination.port, type=socket.SOCK_STREAM)
+                family, _, _, _, address = infos[0]
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                if config.upstream_mark:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, config.upstream_mark)
+                await loop.sock_connect(sock, address)
+            await loop.create_connection(lambda: UpstreamSide(self), sock=sock)
+        except asyncio.CancelledError:
+            if sock is not None and self.upstream is None:
+                sock.close()
+            raise
+        except (OSError, TimeoutError) as error:
+            if sock is not None:
+                sock.close()
+            detail = "timed out" if isinstance(error, TimeoutError) else (error.strerror or str(error))
+            self.flow.reset(Outcome.UPSTREAM_UNREACHABLE, f"dialing {destination} failed: {detail}")
+
+    def upstream_made(self, transport: asyncio.Transport) -> None:
+        """The upstream answered: flush what the request lane released meanwhile, start reading."""
+        if self.flow.ended:
+            transport.abort()
+            return
+        self.upstream = transport
+        log.debug("upstream connected", extra=fields(conn=self.id, upstream=str(self.destination),
+                                                     local=str(HostPort(*transport.get_extra_info("sockname")[:2]))))
+        if self.paused[Direction.RESPONSE] & ~PAUSE_STARTING:
+            transport.pause_reading()
+        for data in self.early:
+            transport.write(data)
+        self.early.clear()
+        if self.early_eof:
+            self.write_eof(Direction.REQUEST)
+        self.resume(Direction.RESPONSE, PAUSE_STARTING)
+        self.resume(Direction.REQUEST, PAUSE_STARTING)
+
+    def side_lost(self, reads: Direction, exc: Exception | None) -> None:
+        if self.flow.ended:
+            return
+        side = "client" if reads == Direction.REQUEST else "upstream"
+        self.flow.reset(Outcome.PEER_RESET, f"{side} {'reset: ' + str(exc) if exc else 'closed'}")
+
+    def writable_again(self, reads: Direction) -> None:
+        """The socket feeding lane `reads` drained its write buffer: finish a deferred
+        half-close, resume the source of the lane that writes into it."""
+        written = _other(reads)
+        if written in self.eof_after_drain:
+            self.eof_after_drain.discard(written)
+            transport = self.upstream if written == Direction.REQUEST else self.client
+            if transport is not None and not transport.is_closing():
+                _half_close(transport)
+        self.resume(written, PAUSE_DEST_FULL)
+
+    def pause(self, direction: Direction, reason: int) -> None:
+        before = self.paused[direction]
+        self.paused[direction] = before | reason
+        if not before:
+            source = self.client if direction == Direction.REQUEST else self.upstream
+            if source is not None and not source.is_closing():
+                source.pause_reading()
+
+    def resume(self, direction: Direction, reason: int) -> None:
+        before = self.paused[direction]
+        self.paused[direction] = before & ~reason
+        if before and not self.paused[direction]:
+            source = self.client if direction == Direction.REQUEST else self.upstream
+            if source is not None and not source.is_closing():
+                source.resume_reading()

@@ -1,0 +1,49 @@
+"""Where a redirected connection was going: one getsockopt on the accepted socket.
+
+iptables REDIRECT rewrites the destination; conntrack remembers the original, and
+SO_ORIGINAL_DST (IPv4, a sockaddr_in) or IP6T_SO_ORIGINAL_DST (IPv6, a
+sockaddr_in6) reads it back. An IPv4 client on a dual-stack [::] listener is an
+IPv4 connection to conntrack, so both levels are tried.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Protocol
+
+SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80
+SOL_IPV6 = 41
+SOCKADDR_IN_SIZE = 16
+SOCKADDR_IN6_SIZE = 28
+
+
+class SockOpts(Protocol):
+    family: int
+
+    def getsockopt(self, level: int, option: int, buflen: int) -> bytes: ...
+
+
+def parse_sockaddr(raw: bytes) -> tuple[str, int]:
+    """Decodes a sockaddr_in or sockaddr_in6 as the kernel returns it (port in network order)."""
+    family = struct.unpack_from("=H", raw)[0]
+    port = struct.unpack_from("!H", raw, 2)[0]
+    if family == socket.AF_INET and len(raw) >= SOCKADDR_IN_SIZE:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    if family == socket.AF_INET6 and len(raw) >= SOCKADDR_IN6_SIZE:
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+    raise ValueError(f"not a sockaddr_in/sockaddr_in6: family {family}, {len(raw)} bytes")
+
+
+def original_destination(sock: SockOpts) -> tuple[str, int] | None:
+    """The pre-NAT destination, or None when conntrack has none (the connection was not redirected)."""
+    attempts = [(socket.SOL_IP, SO_ORIGINAL_DST, SOCKADDR_IN_SIZE)]
+    if sock.family == socket.AF_INET6:
+        attempts.insert(0, (SOL_IPV6, IP6T_SO_ORIGINAL_DST, SOCKADDR_IN6_SIZE))
+    for level, option, size in attempts:
+        try:
+            return parse_sockaddr(sock.getsockopt(level, option, size))
+        except OSError:
+            continue
+    return None

@@ -1,0 +1,60 @@
+"""The chain this worker runs: one session per element and the plan their descriptions give.
+
+The plan is rebuilt only when a session (re)describes its element, then shared by
+every new connection; a connection keeps the plan it started with.
+"""
+
+from __future__ import annotations
+
+from elements.api import element_pb2 as pb
+from proxy.chain import ChainPlan, Direction, Stage
+from proxy.config import ElementConfig
+from proxy.session import ElementSession
+
+
+def plan_for(descriptions: list[pb.Description | None]) -> ChainPlan:
+    """Stages per direction: requests visit elements 0..N-1, responses N-1..0.
+
+    An element never reached has no description: it is planned as inline on Open and
+    both directions, so its failure policy decides (fail-closed rejects before dialing).
+    """
+    request: list[Stage] = []
+    response: list[Stage] = []
+    open_stages: list[Stage] = []
+    for index, description in enumerate(descriptions):
+        if description is None:
+            for stages in (request, response, open_stages):
+                stages.append(Stage(index))
+            continue
+        inline = description.mode != pb.MODE_OBSERVE
+        directions = set(description.directions) or {Direction.REQUEST, Direction.RESPONSE}
+        if Direction.REQUEST in directions:
+            request.append(Stage(index, inline, description.request_bytes_limit))
+        if Direction.RESPONSE in directions:
+            response.append(Stage(index, inline, description.response_bytes_limit))
+        if description.wants_open:
+            open_stages.append(Stage(index, inline))
+    return ChainPlan(tuple(request), tuple(reversed(response)), tuple(open_stages))
+
+
+class Chain:
+    """Element sessions of one worker and the current plan."""
+
+    def __init__(self, elements: tuple[ElementConfig, ...]) -> None:
+        self.sessions = [ElementSession(i, e, self._replan) for i, e in enumerate(elements)]
+        self.plan = plan_for([None] * len(self.sessions))
+
+    def _replan(self) -> None:
+        self.plan = plan_for([s.description for s in self.sessions])
+
+    def start(self) -> None:
+        for session in self.sessions:
+            session.start()
+
+    @property
+    def all_up(self) -> bool:
+        return all(session.up for session in self.sessions)
+
+    async def stop(self) -> None:
+        for session in self.sessions:
+            await session.stop()

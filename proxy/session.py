@@ -1,0 +1,216 @@
+"""One element's batched Session stream, shared by every connection of this worker.
+
+Per-message cost dominates gRPC in Python, so events queue in an outbox and one
+writer task sends everything queued as one SessionRequest while the previous write
+is in flight: the busier the proxy, the bigger the batches. Verdicts come back keyed
+by (connection id, sequence) and go to whoever waits for them. When the stream is
+down, late or answers nonsense, the element's failure policy answers instead:
+fail-open passes the chunk unchanged, fail-closed resets the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+
+import grpc
+
+from elements.api import element_pb2 as pb
+from elements.api import element_pb2_grpc as pb_grpc
+from proxy.chain import Action, Direction, Outcome, VerdictTarget
+from proxy.config import ElementConfig
+
+log = logging.getLogger("proxy.session")
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+BATCH_BYTES = 8 * 1024 * 1024
+BACKOFF_FIRST = 0.05
+BACKOFF_CAP = 0.5
+DESCRIBE_TIMEOUT = 2.0
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
+_VALID_ACTIONS = frozenset((Action.PASS, Action.DROP, Action.CLOSE, Action.RESET))
+
+Waiter = tuple[VerdictTarget, int, int]
+
+
+class ElementSession:
+    """Keeps one Session stream to one element open, reconnecting with capped backoff."""
+
+    def __init__(self, index: int, config: ElementConfig, on_describe: Callable[[], None]) -> None:
+        self.index = index
+        self.config = config
+        self.name = config.name or config.address
+        self.description: pb.Description | None = None
+        self.up = False
+        self.failures = 0
+        self.unknown_verdicts = 0
+        self._on_describe = on_describe
+        self._outbox: list[pb.Event] = []
+        self._wakeup = asyncio.Event()
+        self._pending: dict[tuple[str, int], Waiter] = {}
+        self._deadlines: deque[tuple[float, tuple[str, int]]] = deque()
+        self._timeout = config.timeout_ms / 1000
+        self._task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"session-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_all("proxy stopping")
+
+    def send_open(self, event: pb.OpenEvent, target: VerdictTarget | None, pos: int) -> None:
+        self._send(pb.Event(open=event), event.connection_id, 0, target, pos)
+
+    def send_data(self, connection_id: str, seq: int, direction: Direction, data: bytes, end_of_stream: bool,
+                  metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None:
+        event = pb.Event(data=pb.DataEvent(connection_id=connection_id, sequence=seq, direction=direction,
+                                           data=data, end_of_stream=end_of_stream, metadata=metadata))
+        self._send(event, connection_id, seq, target, pos)
+
+    def send_close(self, connection_id: str, outcome: Outcome, request_bytes: int, response_bytes: int) -> None:
+        if self.up:
+            self._queue(pb.Event(close=pb.CloseEvent(connection_id=connection_id, reason=outcome,
+                                                     request_bytes=request_bytes, response_bytes=response_bytes)))
+
+    def _send(self, event: pb.Event, connection_id: str, seq: int, target: VerdictTarget | None, pos: int) -> None:
+        if not self.up:
+            if target is not None:
+                self._loop.call_soon(self._apply_policy, (target, pos, seq), "session down")
+            return
+        if target is not None:
+            key = (connection_id, seq)
+            self._pending[key] = (target, pos, seq)
+            self._deadlines.append((time.monotonic() + self._timeout, key))
+        self._queue(event)
+
+    def _queue(self, event: pb.Event) -> None:
+        self._outbox.append(event)
+        if len(self._outbox) == 1:
+            self._wakeup.set()
+
+    def _apply_policy(self, waiter: Waiter, why: str) -> None:
+        """Answers for an element that could not: PASS unchanged when fail-open, FAIL when fail-closed."""
+        self.failures += 1
+        target, pos, seq = waiter
+        target.on_verdict(pos, seq, Action.PASS if self.config.fail_open else Action.FAIL, None, None)
+
+    def _fail_all(self, why: str) -> None:
+        pending, self._pending = self._pending, {}
+        self._deadlines.clear()
+        if pending:
+            log.warning("element %s: %d events unanswered (%s), failure policy %s applied",
+                        self.name, len(pending), why, self.config.failure)
+        for waiter in pending.values():
+            self._apply_policy(waiter, why)
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_FIRST
+        while True:
+            channel = grpc.aio.insecure_channel(self.config.address, options=CHANNEL_OPTIONS)
+            try:
+                stub = pb_grpc.ElementStub(channel)
+                self.description = await stub.Describe(pb.DescribeRequest(), timeout=DESCRIBE_TIMEOUT)
+                self.name = self.config.name or self.description.name or self.config.address
+                call = stub.Session()
+                self.up = True
+                backoff = BACKOFF_FIRST
+                log.info("element %s session up at %s", self.name, self.config.address)
+                self._on_describe()
+                await self._stream(call)
+                log.warning("element %s ended its session", self.name)
+            except grpc.aio.AioRpcError as error:
+                log.warning("element %s at %s unavailable: %s %s", self.name, self.config.address,
+                            error.code().name, error.details())
+            finally:
+                was_up, self.up = self.up, False
+                self._outbox.clear()
+                self._fail_all("session down")
+                await channel.close(None)
+                if was_up:
+                    self._on_describe()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_CAP)
+
+    async def _stream(self, call: grpc.aio.StreamStreamCall) -> None:
+        """Runs writer, reader and timeout watch until one of them ends the stream."""
+        tasks = [asyncio.create_task(self._write_loop(call)), asyncio.create_task(self._read_loop(call)),
+                 asyncio.create_task(self._watch_timeouts())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            call.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _write_loop(self, call: grpc.aio.StreamStreamCall) -> None:
+        while True:
+            if not self._outbox:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch, self._outbox = _take_batch(self._outbox)
+            await call.write(pb.SessionRequest(events=batch))
+
+    async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:
+        pending = self._pending
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                return
+            for verdict in response.verdicts:
+                waiter = pending.pop((verdict.connection_id, verdict.sequence), None)
+                if waiter is None:
+                    self.unknown_verdicts += 1
+                    log.debug("element %s: verdict for unknown connection %s sequence %d ignored",
+                              self.name, verdict.connection_id, verdict.sequence)
+                    continue
+                if verdict.action not in _VALID_ACTIONS:
+                    log.warning("element %s: invalid action %d for connection %s, failure policy %s applied",
+                                self.name, verdict.action, verdict.connection_id, self.config.failure)
+                    self._apply_policy(waiter, "invalid action")
+                    continue
+                target, pos, seq = waiter
+                target.on_verdict(pos, seq, verdict.action, verdict.data if verdict.HasField("data") else None,
+                                  dict(verdict.metadata) if verdict.metadata else None)
+
+    async def _watch_timeouts(self) -> None:
+        """Fails events older than timeout_ms; one sweep per quarter timeout keeps it cheap."""
+        deadlines, pending = self._deadlines, self._pending
+        while True:
+            await asyncio.sleep(max(self._timeout / 4, 0.005))
+            now = time.monotonic()
+            while deadlines and deadlines[0][0] <= now:
+                _, key = deadlines.popleft()
+                waiter = pending.pop(key, None)
+                if waiter is not None:
+                    log.warning("element %s: no verdict for connection %s sequence %d within %d ms, "
+                                "failure policy %s applied", self.name, key[0], key[1],
+                                self.config.timeout_ms, self.config.failure)
+                    self._apply_policy(waiter, "timeout")
+
+
+def _take_batch(outbox: list[pb.Event]) -> tuple[list[pb.Event], list[pb.Event]]:
+    """Splits off a batch under BATCH_BYTES so no message nears the gRPC size limit."""
+    size = 0
+    for count, event in enumerate(outbox):
+        size += len(event.data.data) if event.HasField("data") else 64
+        if size > BATCH_BYTES and count:
+            return outbox[:count], outbox[count:]
+    return outbox, []
