@@ -67,6 +67,8 @@ class Proc:
             out = self.output()
             if text in out:
                 return out
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.argv} exited with {self.popen.returncode}:\n{out}")
             time.sleep(0.02)
         raise TimeoutError(f"{text!r} not in the output of {self.argv} after {timeout}s:\n{self.output()}")
 
