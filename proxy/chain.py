@@ -69,6 +69,11 @@ class ChainPlan:
     request: tuple[Stage, ...] = ()
     response: tuple[Stage, ...] = ()
     open: tuple[Stage, ...] = ()
+    names: tuple[str, ...] = ()
+
+    def name(self, element: int) -> str:
+        """For log lines: which element ended a connection."""
+        return self.names[element] if element < len(self.names) else f"#{element}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,9 +240,12 @@ class Lane:
             self._forget(chunk)
             self.flow.close_by_element(self, chunk.seq, self.stages[pos].element)
         elif action == Action.RESET:
-            self.flow.reset(Outcome.RESET_BY_ELEMENT, f"element {self.stages[pos].element} reset it")
+            self.flow.reset(Outcome.RESET_BY_ELEMENT, f"element {self._name(pos)} reset it")
         else:
-            self.flow.reset(Outcome.FAILURE, f"element {self.stages[pos].element} failed (fail-closed)")
+            self.flow.reset(Outcome.FAILURE, f"element {self._name(pos)} failed (fail-closed)")
+
+    def _name(self, pos: int) -> str:
+        return self.flow.plan.name(self.stages[pos].element)
 
     def _dispatch(self, data: bytes, eos: bool) -> None:
         chunk = _Chunk(self.flow.next_seq(), data, eos)
@@ -378,7 +386,7 @@ class Flow:
         """A verdict on the Open event sent to the stage at `pos` of the Open phase."""
         if self.ended or self.opened:
             return
-        element = self.plan.open[pos].element
+        element = self.plan.name(self.plan.open[pos].element)
         if action in (Action.PASS, Action.DROP):
             if metadata:
                 self.open_metadata = {**self.open_metadata, **metadata}
@@ -393,7 +401,7 @@ class Flow:
     def close_by_element(self, lane: Lane, seq: int, element: int) -> None:
         """ACTION_CLOSE: drop from `seq` on in `lane`, drain both lanes, then FIN both ways."""
         if not self.opened:
-            self._end(Outcome.CLOSED_BY_ELEMENT, f"element {element} closed it")
+            self._end(Outcome.CLOSED_BY_ELEMENT, f"element {self.plan.name(element)} closed it")
             return
         self.closing = True
         other = self.response if lane is self.request else self.request

@@ -12,7 +12,7 @@ from proxy.config import ElementConfig
 from proxy.session import ElementSession
 
 
-def plan_for(descriptions: list[pb.Description | None]) -> ChainPlan:
+def plan_for(descriptions: list[pb.Description | None], names: tuple[str, ...] = ()) -> ChainPlan:
     """Stages per direction: requests visit elements 0..N-1, responses N-1..0.
 
     An element never reached has no description: it is planned as inline on Open and
@@ -34,7 +34,7 @@ def plan_for(descriptions: list[pb.Description | None]) -> ChainPlan:
             response.append(Stage(index, inline, description.response_bytes_limit))
         if description.wants_open:
             open_stages.append(Stage(index, inline))
-    return ChainPlan(tuple(request), tuple(reversed(response)), tuple(open_stages))
+    return ChainPlan(tuple(request), tuple(reversed(response)), tuple(open_stages), names)
 
 
 class Chain:
@@ -42,10 +42,10 @@ class Chain:
 
     def __init__(self, elements: tuple[ElementConfig, ...]) -> None:
         self.sessions = [ElementSession(i, e, self._replan) for i, e in enumerate(elements)]
-        self.plan = plan_for([None] * len(self.sessions))
+        self.plan = plan_for([None] * len(self.sessions), tuple(s.name for s in self.sessions))
 
     def _replan(self) -> None:
-        self.plan = plan_for([s.description for s in self.sessions])
+        self.plan = plan_for([s.description for s in self.sessions], tuple(s.name for s in self.sessions))
 
     def start(self) -> None:
         for session in self.sessions:

@@ -133,8 +133,9 @@ class ElementSession:
                 await self._stream(call)
                 log.warning("element %s ended its session", self.name)
             except grpc.aio.AioRpcError as error:
-                log.warning("element %s at %s unavailable: %s %s", self.name, self.config.address,
-                            error.code().name, error.details())
+                log.log(logging.WARNING if backoff == BACKOFF_FIRST else logging.DEBUG,
+                        "element %s at %s unavailable, retrying: %s %s", self.name, self.config.address,
+                        error.code().name, error.details())
             finally:
                 was_up, self.up = self.up, False
                 self._outbox.clear()
