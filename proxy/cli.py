@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy import config as cfg
-from proxy import logs
+from proxy import logs, supervisor
 from proxy.worker import Worker
 
 log = logging.getLogger("proxy")
@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--upstream-mark", help="SO_MARK for upstream sockets, so iptables can exclude them (default 0: off)")
     add("--connect-timeout-ms", type=int, help="upstream connect timeout (default 5000)")
     add("--event-loop", choices=cfg.EVENT_LOOPS, help="uvloop (default) or the stdlib asyncio loop")
+    add("--workers", type=int, help="processes sharing the listening ports with SO_REUSEPORT (default 1)")
     add("--log-level", help="like LOG_LEVEL")
     add("--log-format", help="like LOG_FORMAT")
     return parser
@@ -69,12 +70,13 @@ def load(argv: Sequence[str], env: Mapping[str, str]) -> cfg.ProxyConfig:
 
 async def _serve(config: cfg.ProxyConfig) -> None:
     worker = Worker(config)
+    reuse_port = config.workers > 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await worker.start()
+        await worker.start(reuse_port)
         log.info("element-proxy ready", extra=logs.fields(**cfg.describe(config)))
         await stop.wait()
         log.info("stopping")
@@ -111,4 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"element-proxy: configuration error: {error}", file=sys.stderr)
         return 2
     logs.setup(config.log_level, config.log_format)
+    if config.workers > 1 and not supervisor.is_worker():
+        return supervisor.supervise(argv, config.workers)
     return run(config)

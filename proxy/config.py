@@ -68,6 +68,7 @@ class ProxyConfig:
     upstream_mark: int = 0
     connect_timeout_ms: int = 5000
     event_loop: str = "uvloop"
+    workers: int = 1
     log_level: str = "debug"
     log_format: str = "console"
 
@@ -135,7 +136,7 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
 
 
 _FILE_KEYS = {"listen", "target", "element", "chunk_size", "window", "high_water", "upstream_mark",
-              "connect_timeout_ms", "event_loop", "log_level", "log_format"}
+              "connect_timeout_ms", "event_loop", "workers", "log_level", "log_format"}
 
 
 def read_file(path: Path) -> dict[str, Any]:
@@ -192,6 +193,7 @@ def build(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, A
         upstream_mark=_mark(merged.get("upstream_mark", 0)),
         connect_timeout_ms=_positive("connect_timeout_ms", merged.get("connect_timeout_ms", 5000)),
         event_loop=_choice("event_loop", merged.get("event_loop", "uvloop"), EVENT_LOOPS),
+        workers=_positive("workers", merged.get("workers", 1)),
         log_level=_choice("log_level (LOG_LEVEL)", merged.get("log_level", "debug"), LOG_LEVELS),
         log_format=_choice("log_format (LOG_FORMAT)", merged.get("log_format", "console"), LOG_FORMATS),
     )

@@ -3,11 +3,16 @@ against the reference model in tests/chain_model.py."""
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import dataclass
 
-from proxy.chain import Action, ChainPlan, LaneLimits, Outcome, Stage
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.chain import Action, ChainPlan, Direction, LaneLimits, Outcome, Stage
 from tests.chain_model import (
-    REQ, RESP, Close, Data, Dial, Eof, Finish, Harness, Open, Reading, Write,
+    REQ, RESP, Ask, Close, Data, Decision, Dial, Eof, Finish, Harness, LaneModel, Open, Reading, Recorder, Write,
+    model_lane, spy_flow,
 )
 
 PASS, DROP, CLOSE, RESET, FAIL = Action.PASS, Action.DROP, Action.CLOSE, Action.RESET, Action.FAIL
@@ -406,3 +411,282 @@ test_the_window_bounds_chunks_in_flight_when_eof_arrives = pytest.mark.xfail(
     strict=True, reason="bug: feed_eof dispatches the empty end_of_stream chunk even when the window is full "
                         "(Lane._pump does not check in_flight < window before it)",
 )(test_the_window_bounds_chunks_in_flight_when_eof_arrives)
+
+
+# ---- hypothesis against the reference model -------------------------------------------------
+#
+# The test plays every element: it feeds random reads, answers pending verdicts in random
+# order (in order per element and direction, or any order), and after every step compares
+# what the Flow did with tests/chain_model.py, which recomputes from scratch where each chunk
+# must be. The lane's own cut of the input into chunks is taken as given (SpyLane) and checked
+# separately: the pieces add up to what was read, none is larger than chunk_size.
+
+# The scripted test above pins the known bug (the empty end_of_stream chunk may exceed the
+# window); until it is fixed the property tests tolerate exactly that and nothing more.
+EOS_MAY_EXCEED_WINDOW = True
+# Likewise high_water=1 stalls reading for good (scripted test above); 1 once that is fixed.
+SMALLEST_HIGH_WATER = 2
+
+REPLACE = "replace"
+GENTLE_ACTIONS = [PASS, PASS, PASS, REPLACE, REPLACE, DROP, DROP]
+HARSH_ACTIONS = [PASS, PASS, PASS, REPLACE, REPLACE, DROP, DROP, CLOSE, CLOSE, RESET, FAIL]
+ENDS = {CLOSE: Outcome.CLOSED_BY_ELEMENT, RESET: Outcome.RESET_BY_ELEMENT, FAIL: Outcome.FAILURE}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    plan: ChainPlan
+    limits: LaneLimits
+    reads: dict[Direction, list[bytes]]
+    eof: dict[Direction, bool]
+    in_order: bool
+
+
+byte_limits = st.one_of(st.just(0), st.just(0), st.integers(1, 16))
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
+    n = draw(st.integers(0, 3))
+    request, response, opening = [], [], []
+    for element in range(n):
+        if draw(st.booleans()) or n == 1:
+            request.append(Stage(element, draw(st.booleans()), draw(byte_limits)))
+        if draw(st.booleans()) or n == 1:
+            response.append(Stage(element, draw(st.booleans()), draw(byte_limits)))
+        if draw(st.integers(0, 3)) == 0:
+            opening.append(Stage(element, draw(st.booleans())))
+    plan = ChainPlan(request=tuple(request), response=tuple(reversed(response)), open=tuple(opening))
+    limits = LaneLimits(chunk_size=draw(st.integers(1, 8)), window=draw(st.integers(1, 4)),
+                        high_water=draw(st.integers(SMALLEST_HIGH_WATER, 40)))
+    reads = {d: draw(st.lists(st.binary(min_size=1, max_size=10), max_size=6)) for d in (REQ, RESP)}
+    eof = {d: draw(st.integers(0, 4)) > 0 for d in (REQ, RESP)}
+    return Scenario(plan, limits, reads, eof, draw(st.booleans()))
+
+
+class Run:
+    """One connection driven by hypothesis, checked against the model after every step."""
+
+    def __init__(self, scenario: Scenario, data: st.DataObject, actions: list[object]) -> None:
+        self.s = scenario
+        self.data = data
+        self.actions = actions
+        self.out = Recorder()
+        self.flow = spy_flow(scenario.plan, scenario.limits, self.out)
+        self.todo = {d: list(scenario.reads[d]) for d in (REQ, RESP)}
+        self.fed = {d: bytearray() for d in (REQ, RESP)}
+        self.eof_fed = {d: False for d in (REQ, RESP)}
+        self.decisions: dict[Direction, dict[tuple[int, int], Decision]] = {REQ: {}, RESP: {}}
+        self.open_decisions: dict[int, tuple[int, dict[str, str] | None]] = {}
+        self.ends_delivered: set[int] = set()  # terminal actions delivered before the flow finished
+
+    def stages(self, d: Direction) -> tuple[Stage, ...]:
+        return self.s.plan.request if d == REQ else self.s.plan.response
+
+    # -- driving --
+
+    def go(self) -> None:
+        self.flow.start()
+        self.check()
+        while options := self.options():
+            kind, arg = options[self.data.draw(st.integers(0, len(options) - 1), label="step")]
+            if kind == "feed":
+                piece = self.todo[arg].pop(0)
+                self.fed[arg] += piece
+                self.flow.lane(arg).feed(piece)
+            elif kind == "eof":
+                self.eof_fed[arg] = True
+                self.flow.lane(arg).feed_eof()
+            else:
+                self.deliver(arg)
+            self.check()
+
+    def options(self) -> list[tuple[str, object]]:
+        options: list[tuple[str, object]] = []
+        if Dial() in self.out.calls:
+            for d in (REQ, RESP):
+                if not self.out.reading[d] or self.eof_fed[d]:
+                    continue
+                if self.todo[d]:
+                    options.append(("feed", d))
+                elif self.s.eof[d]:
+                    options.append(("eof", d))
+        heads: set[tuple[int, Direction | None]] = set()
+        for ask in self.out.asks:
+            key = (ask.element, ask.direction)
+            if self.s.in_order and key in heads:
+                continue
+            heads.add(key)
+            options.append(("verdict", ask))
+        return options
+
+    def deliver(self, ask: Ask) -> None:
+        self.out.asks.remove(ask)
+        draw = self.data.draw
+        action = draw(st.sampled_from(self.actions), label="action")
+        if ask.direction is None and action in (REPLACE,):
+            action = PASS
+        replacement = draw(st.binary(max_size=6), label="replacement") if action == REPLACE else None
+        action = PASS if action == REPLACE else action
+        metadata = draw(st.sampled_from([None, {"k": str(ask.element)}, {f"e{ask.element}": str(ask.seq)}]),
+                        label="metadata")
+        if not self.out.finished:
+            if ask.direction is None:
+                self.open_decisions[ask.pos] = (action, metadata)
+            else:
+                self.decisions[ask.direction][(ask.pos, ask.seq)] = (action, replacement, metadata)
+            if action in ENDS:
+                self.ends_delivered.add(action)
+        ask.target.on_verdict(ask.pos, ask.seq, action, replacement, metadata)
+
+    # -- checking --
+
+    @property
+    def disturbed(self) -> bool:
+        return bool(self.ends_delivered)
+
+    def model(self, d: Direction) -> LaneModel:
+        return model_lane(self.flow.lane(d).units, self.stages(d), self.decisions[d])
+
+    def cutoff(self, m: LaneModel) -> int | None:
+        closes = [seq for seq, action in m.terminals if action == CLOSE]
+        return closes[0] if closes else None
+
+    def expected_writes(self, m: LaneModel) -> tuple[list[bytes], bool]:
+        cut = self.cutoff(m)
+        kept = [(seq, data, eos) for seq, data, eos in m.outputs if cut is None or seq is None or seq < cut]
+        return [data for _, data, _ in kept if data], any(eos for _, _, eos in kept)
+
+    def check(self) -> None:
+        out, limits = self.out, self.s.limits
+        assert out.after_finish == [], f"calls after finish: {out.after_finish}"
+        assert len(out.finished) <= 1
+        self.check_open()
+        seqs: list[int] = []
+        for d in (REQ, RESP):
+            lane = self.flow.lane(d)
+            stages = self.stages(d)
+            units = lane.units
+            chunk_seqs = [u.seq for u in units if u.seq is not None]
+            seqs += chunk_seqs
+            assert chunk_seqs == sorted(set(chunk_seqs))
+            assert all(len(u.data) <= limits.chunk_size for u in units if u.seq is not None)
+            assert all(u.data or u.eos for u in units), "an empty chunk without end_of_stream"
+            assert sum(u.eos for u in units) <= 1 and all(u.eos for u in units[len(units) - 1:]
+                                                           if any(v.eos for v in units))
+            assert b"".join(u.data for u in units) + bytes(lane.pending) == bytes(self.fed[d])
+            m = self.model(d)
+            actual: list[list[tuple[int, bytes, bool, dict[str, str]]]] = []
+            for pos, stage in enumerate(stages):
+                calls = [c for c in out.calls if isinstance(c, Data) and c.direction == d and c.element == stage.element]
+                assert all(c.wait == stage.inline for c in calls)
+                assert [c.seq for c in calls] == sorted(set(c.seq for c in calls)), "not in sequence order"
+                assert set(c.seq for c in calls) <= set(chunk_seqs)
+                actual.append([(c.seq, c.data, c.eos, out.data_metadata[(c.element, c.seq)]) for c in calls])
+            writes = [c.data for c in out.calls if isinstance(c, Write) and c.direction == d]
+            eofs = sum(1 for c in out.calls if c == Eof(d))
+            assert eofs <= 1
+            want_writes, want_eof = self.expected_writes(m)
+            assert 0 <= lane.in_flight <= limits.window + (1 if EOS_MAY_EXCEED_WINDOW else 0)
+            if not self.disturbed:
+                assert actual == m.receipts
+                assert writes == want_writes
+                assert eofs == want_eof
+                assert lane.in_flight == len(m.in_flight)
+                real = [size for size in m.in_flight.values() if size or not EOS_MAY_EXCEED_WINDOW]
+                assert len(real) <= limits.window
+                waiting = {a.seq for a in out.asks if a.direction == d}
+                assert len(waiting) <= limits.window + (1 if EOS_MAY_EXCEED_WINDOW else 0)
+                if not out.finished and not self.eof_fed[d]:
+                    buffered = len(lane.pending) + sum(m.in_flight.values())
+                    if out.reading[d]:
+                        assert buffered < limits.high_water, f"reading with {buffered} buffered"
+                    else:
+                        assert buffered >= limits.high_water // 2, f"paused with {buffered} buffered"
+            else:
+                for got, model in zip(actual, m.receipts):
+                    assert got == model[:len(got)]
+                assert writes == want_writes[:len(writes)]
+                assert eofs <= want_eof or out.finished or self.flow.closing
+        assert len(seqs) == len(set(seqs)), "a sequence number used twice"
+        if out.finished:
+            outcome = out.finished[0].outcome
+            closes = [c for c in out.calls if isinstance(c, Close)]
+            touched = {c.element for c in out.calls if isinstance(c, (Open, Data))}
+            assert sorted(c.element for c in closes) == sorted(touched)
+            assert all(c.outcome == outcome for c in closes)
+            assert out.calls.index(out.finished[0]) == len(out.calls) - 1
+            if outcome in (Outcome.COMPLETED, Outcome.CLOSED_BY_ELEMENT) and Dial() in out.calls:
+                assert Eof(REQ) in out.calls and Eof(RESP) in out.calls
+        else:
+            assert not any(isinstance(c, Close) for c in out.calls)
+            assert not (Eof(REQ) in out.calls and Eof(RESP) in out.calls), "both sides done, flow not finished"
+
+    def check_open(self) -> None:
+        expected: list[Open] = []
+        metadata: dict[str, str] = {}
+        dial = True
+        for pos, stage in enumerate(self.s.plan.open):
+            expected.append(Open(stage.element, dict(metadata), stage.inline))
+            if not stage.inline:
+                continue
+            if pos not in self.open_decisions:
+                dial = False
+                break
+            action, more = self.open_decisions[pos]
+            if action not in (PASS, DROP):
+                dial = False
+                break
+            if more:
+                metadata = {**metadata, **more}
+        assert [c for c in self.out.calls if isinstance(c, Open)] == expected
+        assert self.out.calls.count(Dial()) == int(dial)
+
+    def check_end(self) -> None:
+        out = self.out
+        outcome = out.finished[0].outcome if out.finished else None
+        rejected = [a for a in self.open_decisions.values() if a[0] in ENDS]
+        if rejected:
+            assert outcome == ENDS[rejected[0][0]] and Dial() not in out.calls
+            assert not any(isinstance(c, Data) for c in out.calls)
+            return
+        models = {d: self.model(d) for d in (REQ, RESP)}
+        cuts = {d: self.cutoff(m) for d, m in models.items()}
+        resets = {action for d, m in models.items() for seq, action in m.terminals
+                  if action in (RESET, FAIL) and (cuts[d] is None or seq is None or seq < cuts[d])}
+        if resets:
+            assert outcome in {ENDS[a] for a in resets} | {ENDS[a] for a in self.ends_delivered if a != CLOSE}
+        if outcome in (Outcome.RESET_BY_ELEMENT, Outcome.FAILURE):
+            assert {ENDS[a] for a in self.ends_delivered if a != CLOSE} >= {outcome}
+            return
+        assert out.asks == [] or self.disturbed
+        for d, m in models.items():
+            want_writes, want_eof = self.expected_writes(m)
+            assert [c.data for c in out.calls if isinstance(c, Write) and c.direction == d] == want_writes
+            if cuts[REQ] is None and cuts[RESP] is None:
+                assert self.todo[d] == [], "reading paused for good"
+                assert not m.in_flight and self.flow.lane(d).in_flight == 0
+                assert (Eof(d) in out.calls) == want_eof == self.s.eof[d]
+        if cuts[REQ] is not None or cuts[RESP] is not None:
+            assert outcome == Outcome.CLOSED_BY_ELEMENT
+            assert out.calls.count(Eof(REQ)) == 1 and out.calls.count(Eof(RESP)) == 1
+        elif self.s.eof[REQ] and self.s.eof[RESP]:
+            assert outcome == Outcome.COMPLETED
+        else:
+            assert outcome is None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenario=scenarios(), data=st.data())
+def test_pass_replace_and_drop_match_the_model(scenario: Scenario, data: st.DataObject) -> None:
+    run = Run(scenario, data, GENTLE_ACTIONS)
+    run.go()
+    run.check_end()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenario=scenarios(), data=st.data())
+def test_close_reset_and_failure_match_the_model(scenario: Scenario, data: st.DataObject) -> None:
+    run = Run(scenario, data, HARSH_ACTIONS)
+    run.go()
+    run.check_end()

@@ -6,6 +6,7 @@ duplicated or reordered byte anywhere fails the test.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -202,3 +203,28 @@ def test_firewall_catches_a_pattern_written_in_two_halves(recorder: Recorder) ->
                 client.recv(100)
             wait_until(lambda: recorder.endings == ["reset"])
             assert b"BLE" not in recorder.received[0]
+
+
+def test_workers_share_the_port_and_stop_cleanly() -> None:
+    with traffic.Server(mode="after-eof", send=100) as server:
+        with chain_proxy([PASSTHROUGH], "--target", f"127.0.0.1:{server.port}", "--workers", "2") as (proc, port):
+            proc.wait_for_output("element-proxy ready")
+            deadline = time.monotonic() + 10
+            while proc.output().count("element-proxy ready") < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            results = [traffic.dial("127.0.0.1", port, 100) for _ in range(40)]
+            assert all(r.ok for r in results)
+            prefixes = {line.split("conn=")[1].split("-")[0]
+                        for line in proc.output().splitlines() if "connection closed" in line}
+            assert len(prefixes) == 2, prefixes
+            assert proc.stop() == 0
+
+
+def test_json_log_lines_carry_the_same_fields() -> None:
+    with traffic.Server(mode="after-eof", send=10) as server:
+        with chain_proxy([], "--target", f"127.0.0.1:{server.port}", env={"LOG_FORMAT": "json"}) as (proc, port):
+            assert traffic.dial("127.0.0.1", port, 10).ok
+            line = proc.wait_for_output('"connection closed"').splitlines()
+            closed = [json.loads(entry) for entry in line if '"connection closed"' in entry][0]
+            assert closed["outcome"] == "completed"
+            assert closed["request_bytes"] == 10 and closed["response_bytes"] == 10 + traffic.TRAILER
