@@ -13,7 +13,7 @@ metadata), stuck at a stage, dropped, ended by a terminal verdict, or out on the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from proxy.chain import Action, ChainPlan, Direction, Flow, Lane, LaneLimits, Outcome, Stage, VerdictTarget
@@ -91,9 +91,12 @@ class Ask:
 
 
 class Recorder:
-    """A FlowOutput that records; it never calls back into the Flow (no re-entrancy)."""
+    """A FlowOutput that records. It calls back into the Flow only through `on_ask`, which a
+    property test sets to answer some events at once, from inside send_open/send_data (what an
+    adapter does when an element's session is down and its policy is fail-open)."""
 
     def __init__(self) -> None:
+        self.on_ask: Callable[[Ask], None] | None = None
         self.calls: list[Call] = []
         self.asks: list[Ask] = []
         self.data_metadata: dict[tuple[int, int], dict[str, str]] = {}
@@ -110,14 +113,19 @@ class Recorder:
     def send_open(self, element: int, metadata: Mapping[str, str], target: VerdictTarget | None, pos: int) -> None:
         self._record(Open(element, dict(metadata), target is not None))
         if target is not None:
-            self.asks.append(Ask(element, 0, None, pos, target))
+            self._ask(Ask(element, 0, None, pos, target))
 
     def send_data(self, element: int, seq: int, direction: Direction, data: bytes, end_of_stream: bool,
                   metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None:
         self._record(Data(element, seq, direction, bytes(data), end_of_stream, target is not None))
         self.data_metadata[(element, seq)] = dict(metadata or {})
         if target is not None:
-            self.asks.append(Ask(element, seq, direction, pos, target, bytes(data), end_of_stream))
+            self._ask(Ask(element, seq, direction, pos, target, bytes(data), end_of_stream))
+
+    def _ask(self, ask: Ask) -> None:
+        self.asks.append(ask)
+        if self.on_ask is not None:
+            self.on_ask(ask)
 
     def send_close(self, element: int, outcome: Outcome) -> None:
         self._record(Close(element, outcome))
