@@ -279,11 +279,13 @@ class Lane:
                 return
             self.out.send_data(stage.element, chunk.seq, self.direction, chunk.data, chunk.eos,
                                chunk.metadata, None, pos)
+            if self.flow.ended:
+                return
             pos += 1
         self._forget(chunk)
         if chunk.data:
             self.out.write(self.direction, chunk.data)
-        if chunk.eos:
+        if chunk.eos and not self.flow.ended:
             self._write_eof()
         self._pump()
 
@@ -310,7 +312,8 @@ class Lane:
                 piece = bytes(self.pending[:limits.chunk_size])
                 del self.pending[:limits.chunk_size]
                 self._dispatch(piece, self.pending_eof and not self.pending)
-            if self.pending_eof and not self.pending and not self.eof_dispatched and not self.flow.ended:
+            if (self.pending_eof and not self.pending and not self.eof_dispatched
+                    and self.in_flight < limits.window and not self.flow.ended):
                 self._dispatch(b"", True)
         finally:
             self.pumping = False
@@ -323,7 +326,7 @@ class Lane:
             buffered = self.buffered
             if buffered >= limits.high_water:
                 self._set_reading(False)
-            elif buffered < limits.high_water // 2:
+            elif 2 * buffered < limits.high_water:
                 self._set_reading(True)
 
     def _set_reading(self, reading: bool) -> None:
@@ -343,7 +346,7 @@ class Flow:
     """Both directions of one connection plus its Open phase and its end."""
 
     __slots__ = ("plan", "out", "request", "response", "seq", "touched", "open_metadata", "ended",
-                 "opened", "closing")
+                 "opened", "closing", "open_waiting")
 
     def __init__(self, plan: ChainPlan, limits: LaneLimits, out: FlowOutput) -> None:
         self.plan = plan
@@ -356,6 +359,7 @@ class Flow:
         self.ended = False
         self.opened = False
         self.closing = False
+        self.open_waiting = -1
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -365,7 +369,9 @@ class Flow:
         return self.request if direction == Direction.REQUEST else self.response
 
     def start(self) -> None:
-        """Runs the Open phase: inline Open stages answer in chain order before the upstream is dialed."""
+        """Runs the Open phase: inline Open stages answer in chain order before the upstream is dialed.
+
+        Call it once for every connection, Open stages or not: it is what marks the flow opened."""
         self._open_from(0)
 
     def _open_from(self, pos: int) -> None:
@@ -374,9 +380,12 @@ class Flow:
             stage = stages[pos]
             self.touched.add(stage.element)
             if stage.inline:
+                self.open_waiting = pos
                 self.out.send_open(stage.element, self.open_metadata, self, pos)
                 return
             self.out.send_open(stage.element, self.open_metadata, None, pos)
+            if self.ended:
+                return
             pos += 1
         self.opened = True
         self.out.dial()
@@ -384,7 +393,7 @@ class Flow:
     def on_verdict(self, pos: int, seq: int, action: int, data: bytes | None,
                    metadata: Mapping[str, str] | None) -> None:
         """A verdict on the Open event sent to the stage at `pos` of the Open phase."""
-        if self.ended or self.opened:
+        if self.ended or self.opened or pos != self.open_waiting:
             return
         element = self.plan.name(self.plan.open[pos].element)
         if action in (Action.PASS, Action.DROP):

@@ -320,8 +320,6 @@ def test_a_repeated_data_verdict_changes_nothing() -> None:
     assert h.verdict(0, 2) == [Data(1, 2, REQ, b"b")]
 
 
-@pytest.mark.xfail(strict=True, reason="bug (minor): Flow.on_verdict does not check that `pos` is the Open stage "
-                                       "it waits for, so a repeated Open verdict sends the next Open again")
 def test_a_repeated_open_verdict_changes_nothing() -> None:
     h = Harness(ChainPlan(open=(Stage(0), Stage(1))))
     h.flow.start()
@@ -374,11 +372,6 @@ def test_a_reset_from_inside_an_inline_send_ends_cleanly() -> None:
     assert out.after_finish == [] and out.finished == [Finish(Outcome.FAILURE)]
 
 
-BUG_REENTRANT_END = ("bug: a Flow ended from inside a FlowOutput call goes on calling: _open_from and _advance "
-                     "do not check `ended` after an observe send, _advance not after write()")
-
-
-@pytest.mark.xfail(strict=True, reason=BUG_REENTRANT_END)
 def test_a_reset_from_inside_an_observe_open_dials_nothing() -> None:
     flow, out = reset_inside(ChainPlan(open=(Stage(0, inline=False), Stage(1, inline=False))),
                              Open(0, {}, wait=False))
@@ -386,7 +379,6 @@ def test_a_reset_from_inside_an_observe_open_dials_nothing() -> None:
     assert out.calls == [Open(0, {}, wait=False), Close(0, Outcome.FAILURE), Finish(Outcome.FAILURE)]
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_REENTRANT_END)
 def test_a_reset_from_inside_an_observe_send_writes_nothing() -> None:
     flow, out = reset_inside(ChainPlan(request=(Stage(0, inline=False), Stage(1, inline=False))),
                              Data(0, 1, REQ, b"x", wait=False))
@@ -395,7 +387,6 @@ def test_a_reset_from_inside_an_observe_send_writes_nothing() -> None:
     assert out.after_finish == []
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_REENTRANT_END)
 def test_a_reset_from_inside_write_writes_no_eof() -> None:
     flow, out = reset_inside(ChainPlan(request=(Stage(0),)), Write(REQ, b"last"), LaneLimits(window=1))
     flow.start()
@@ -503,8 +494,6 @@ def test_reading_pauses_at_high_water_and_resumes_below_half_of_it() -> None:
     assert h.out.reading == {REQ: True, RESP: True}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: feed_eof dispatches the empty end_of_stream chunk even when the "
-                                       "window is full (Lane._pump does not check in_flight < window for it)")
 def test_the_window_bounds_chunks_in_flight_when_eof_arrives() -> None:
     """The window bounds the chunks in the chain; the empty end_of_stream chunk is one of them."""
     h = started(ChainPlan(request=(Stage(0),)), LaneLimits(window=1))
@@ -514,8 +503,6 @@ def test_the_window_bounds_chunks_in_flight_when_eof_arrives() -> None:
     assert h.verdict(0, 2) == [Eof(REQ)]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with high_water=1 reading never resumes: `buffered < high_water // 2` "
-                                       "is `0 < 0` (below half of 1 is 0 bytes, so `2 * buffered < high_water`)")
 def test_reading_resumes_once_nothing_is_buffered_even_with_the_smallest_high_water() -> None:
     h = started(ChainPlan(request=(Stage(0),)), LaneLimits(chunk_size=4, window=1, high_water=1))
     assert h.feed(REQ, b"a") == [Data(0, 1, REQ, b"a"), Reading(REQ, False)]
@@ -529,12 +516,6 @@ def test_reading_resumes_once_nothing_is_buffered_even_with_the_smallest_high_wa
 # what the Flow did with tests/chain_model.py, which recomputes from scratch where each chunk
 # must be. The lane's own cut of the input into chunks is taken as given (SpyLane) and checked
 # separately: the pieces add up to what was read, none is larger than chunk_size.
-
-# The scripted test above pins the known bug (the empty end_of_stream chunk may exceed the
-# window); until it is fixed the property tests tolerate exactly that and nothing more.
-EOS_MAY_EXCEED_WINDOW = True
-# Likewise high_water=1 stalls reading for good (scripted test above); 1 once that is fixed.
-SMALLEST_HIGH_WATER = 2
 
 # CHAIN_EXAMPLES=20000 for a long hunt; the default keeps the file near 5 s.
 EXAMPLES = int(os.environ.get("CHAIN_EXAMPLES", "500"))
@@ -571,7 +552,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
             opening.append(Stage(element, draw(st.booleans())))
     plan = ChainPlan(request=tuple(request), response=tuple(reversed(response)), open=tuple(opening))
     limits = LaneLimits(chunk_size=draw(st.integers(1, 8)), window=draw(st.integers(1, 4)),
-                        high_water=draw(st.integers(SMALLEST_HIGH_WATER, 40)))
+                        high_water=draw(st.integers(1, 40)))
     reads = {d: draw(st.lists(st.binary(min_size=1, max_size=10), max_size=6)) for d in (REQ, RESP)}
     eof = {d: draw(st.integers(0, 9)) > 0 for d in (REQ, RESP)}
     return Scenario(plan, limits, reads, eof, draw(st.booleans()), draw(st.integers(0, 3)) == 0)
@@ -714,16 +695,15 @@ class Run:
             eofs = sum(1 for c in out.calls if c == Eof(d))
             assert eofs <= 1
             want_writes, want_eof = self.expected_writes(m)
-            assert 0 <= lane.in_flight <= limits.window + (1 if EOS_MAY_EXCEED_WINDOW else 0)
+            assert 0 <= lane.in_flight <= limits.window
             if not self.disturbed:
                 assert actual == m.receipts
                 assert writes == want_writes
                 assert eofs == want_eof
                 assert lane.in_flight == len(m.in_flight)
-                real = [size for size in m.in_flight.values() if size or not EOS_MAY_EXCEED_WINDOW]
-                assert len(real) <= limits.window
+                assert len(m.in_flight) <= limits.window
                 waiting = {a.seq for a in out.asks if a.direction == d}
-                assert len(waiting) <= limits.window + (1 if EOS_MAY_EXCEED_WINDOW else 0)
+                assert len(waiting) <= limits.window
                 if not out.finished and not self.eof_fed[d]:
                     buffered = len(lane.pending) + sum(m.in_flight.values())
                     if out.reading[d]:
