@@ -120,7 +120,10 @@ def dial(host: str, port: int, send: int, timeout: float = 30.0, pieces: int = 1
          source: socket.socket | None = None) -> Result:
     """Sends `send` random bytes (in `pieces` writes), half-closes, reads to EOF, checks the trailer."""
     payload = os.urandom(send)
-    sock = source or socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock = source or socket.create_connection((host, port), timeout=timeout)
+    except OSError as error:
+        return Result(False, send, 0, f"connect failed: {error}")
     sock.settimeout(timeout)
     with sock:
         def write() -> None:
