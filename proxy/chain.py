@@ -38,7 +38,8 @@ class Action(enum.IntEnum):
 
 
 class Outcome(enum.IntEnum):
-    """How a connection ended; values equal the proto's CLOSE_REASON_*."""
+    """How a connection ended; values equal the proto's CLOSE_REASON_*. NOT_REDIRECTED is
+    internal: such a connection never reaches an element."""
 
     COMPLETED = 1
     CLOSED_BY_ELEMENT = 2
@@ -46,11 +47,12 @@ class Outcome(enum.IntEnum):
     PEER_RESET = 4
     UPSTREAM_UNREACHABLE = 5
     FAILURE = 6
+    NOT_REDIRECTED = 100
 
     @property
     def graceful(self) -> bool:
         """Graceful outcomes end with FIN after everything approved is written; the rest with RST."""
-        return self in (Outcome.COMPLETED, Outcome.CLOSED_BY_ELEMENT)
+        return self in (Outcome.COMPLETED, Outcome.CLOSED_BY_ELEMENT, Outcome.NOT_REDIRECTED)
 
 
 @dataclass(frozen=True, slots=True)

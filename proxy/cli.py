@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy import config as cfg
-from proxy import logs, supervisor
+from proxy import admin, logs, supervisor
 from proxy.worker import Worker
 
 log = logging.getLogger("proxy")
@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--connect-timeout-ms", type=int, help="upstream connect timeout (default 5000)")
     add("--event-loop", choices=cfg.EVENT_LOOPS, help="uvloop (default) or the stdlib asyncio loop")
     add("--workers", type=int, help="processes sharing the listening ports with SO_REUSEPORT (default 1)")
+    add("--admin", metavar="HOST:PORT", help="admin HTTP endpoint (default 127.0.0.1:15000; off to disable)")
     add("--log-level", help="like LOG_LEVEL")
     add("--log-format", help="like LOG_FORMAT")
     return parser
@@ -68,23 +69,44 @@ def load(argv: Sequence[str], env: Mapping[str, str]) -> cfg.ProxyConfig:
     return cfg.build(file, env, flags)
 
 
-async def _serve(config: cfg.ProxyConfig) -> None:
+async def _serve(config: cfg.ProxyConfig, argv: Sequence[str]) -> None:
     worker = Worker(config)
-    reuse_port = config.workers > 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(worker, argv)))
+    admin_server: asyncio.AbstractServer | None = None
     try:
-        await worker.start(reuse_port)
+        await worker.start(reuse_port=supervisor.is_worker())
+        socket_path = supervisor.admin_socket()
+        if socket_path:
+            admin_server = await asyncio.start_unix_server(admin.handler(admin.WorkerSource(worker)), socket_path)
+        elif config.admin:
+            admin_server = await asyncio.start_server(admin.handler(admin.WorkerSource(worker)),
+                                                      config.admin.host, config.admin.port)
+            log.info("admin endpoint", extra=logs.fields(address=f"http://{config.admin}/"))
         log.info("element-proxy ready", extra=logs.fields(**cfg.describe(config)))
         await stop.wait()
         log.info("stopping")
     finally:
+        if admin_server is not None:
+            admin_server.close()
         await worker.stop()
 
 
-def run(config: cfg.ProxyConfig) -> int:
+async def _reload(worker: Worker, argv: Sequence[str]) -> None:
+    """SIGHUP: re-reads flags, file and environment; only the chain changes without a restart."""
+    try:
+        config = load(argv, os.environ)
+    except cfg.ConfigError as error:
+        log.error("reload refused, keeping the running chain: %s", error)
+        return
+    await worker.reload(config)
+
+
+def run(config: cfg.ProxyConfig, argv: Sequence[str]) -> int:
+    """Runs one worker on the configured event loop until SIGTERM/SIGINT."""
     if config.event_loop == "uvloop":
         import uvloop
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
@@ -92,7 +114,7 @@ def run(config: cfg.ProxyConfig) -> int:
         runner = asyncio.Runner()
     with runner:
         try:
-            runner.run(_serve(config))
+            runner.run(_serve(config, argv))
         except OSError as error:
             log.error("cannot listen: %s", error)
             return 1
@@ -114,5 +136,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logs.setup(config.log_level, config.log_format)
     if config.workers > 1 and not supervisor.is_worker():
-        return supervisor.supervise(argv, config.workers)
-    return run(config)
+        return asyncio.run(supervisor.supervise(argv, config))
+    return run(config, argv)

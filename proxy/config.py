@@ -69,6 +69,7 @@ class ProxyConfig:
     connect_timeout_ms: int = 5000
     event_loop: str = "uvloop"
     workers: int = 1
+    admin: HostPort | None = HostPort("127.0.0.1", 15000)
     log_level: str = "debug"
     log_format: str = "console"
 
@@ -136,7 +137,7 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
 
 
 _FILE_KEYS = {"listen", "target", "element", "chunk_size", "window", "high_water", "upstream_mark",
-              "connect_timeout_ms", "event_loop", "workers", "log_level", "log_format"}
+              "connect_timeout_ms", "event_loop", "workers", "admin", "log_level", "log_format"}
 
 
 def read_file(path: Path) -> dict[str, Any]:
@@ -194,12 +195,19 @@ def build(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, A
         connect_timeout_ms=_positive("connect_timeout_ms", merged.get("connect_timeout_ms", 5000)),
         event_loop=_choice("event_loop", merged.get("event_loop", "uvloop"), EVENT_LOOPS),
         workers=_positive("workers", merged.get("workers", 1)),
+        admin=_admin(merged.get("admin", "127.0.0.1:15000")),
         log_level=_choice("log_level (LOG_LEVEL)", merged.get("log_level", "debug"), LOG_LEVELS),
         log_format=_choice("log_format (LOG_FORMAT)", merged.get("log_format", "console"), LOG_FORMATS),
     )
     if config.high_water < config.chunk_size:
         raise ConfigError(f"high_water: {config.high_water} must be at least chunk_size ({config.chunk_size})")
     return config
+
+
+def _admin(value: Any) -> HostPort | None:
+    if _typed("admin", value, str).strip().lower() == "off":
+        return None
+    return parse_host_port("admin", value, require_ip=True)
 
 
 def _mark(value: Any) -> int:
@@ -218,8 +226,9 @@ def describe(config: ProxyConfig) -> dict[str, Any]:
     return {
         "listen": [str(a) for a in config.listen],
         "target": str(config.target) if config.target else None,
+        "admin": str(config.admin) if config.admin else "off",
         "elements": [{"address": e.address, "name": e.name, "failure": e.failure, "timeout_ms": e.timeout_ms}
                      for e in config.elements],
         **{f.name: getattr(config, f.name) for f in fields(ProxyConfig)
-           if f.name not in ("listen", "target", "elements")},
+           if f.name not in ("listen", "target", "elements", "admin")},
     }

@@ -134,8 +134,10 @@ class Connection:
         self.listener = listener
         self.client: asyncio.Transport | None = client
         self.upstream: asyncio.Transport | None = None
-        self.sessions = worker.chain.sessions
-        self.flow = Flow(worker.chain.plan, worker.limits, self)
+        self.chain = worker.chain
+        self.chain.acquire()
+        self.sessions = self.chain.sessions
+        self.flow = Flow(self.chain.plan, worker.limits, self)
         self.paused = {Direction.REQUEST: 0, Direction.RESPONSE: PAUSE_STARTING}
         self.eof_after_drain: set[Direction] = set()
         self.early: list[bytes] = []
@@ -164,11 +166,17 @@ class Connection:
             self.destination = self.worker.config.target
         else:
             self._log_open()
-            self.flow.reset(Outcome.FAILURE, "not redirected (its original destination is the proxy's own "
+            self.flow.reset(Outcome.NOT_REDIRECTED, "not redirected (its original destination is the proxy's own "
                                          "address) and TARGET_ADDR is unset: the proxy never dials itself")
             return
         self._log_open()
         self.flow.start()
+
+    def describe(self) -> dict[str, object]:
+        """One row of the admin endpoint's /connections."""
+        return {"id": self.id, "client": str(HostPort(*self.client_address)), "destination": str(self.destination),
+                "listener": str(self.listener), "request_bytes": self.request_bytes,
+                "response_bytes": self.response_bytes, "age_s": round(time.monotonic() - self.started, 3)}
 
     def _log_open(self) -> None:
         log.debug("connection opened", extra=fields(
@@ -237,7 +245,8 @@ class Connection:
         else:
             _abort_with_rst(self.client)
             _abort_with_rst(self.upstream)
-        self.worker.closed(self)
+        self.worker.closed(self, outcome)
+        self.chain.release()
         level = logging.INFO if outcome in (Outcome.COMPLETED, Outcome.CLOSED_BY_ELEMENT, Outcome.PEER_RESET,
                                             Outcome.RESET_BY_ELEMENT) else logging.WARNING
         log.log(level, "connection closed", extra=fields(

@@ -6,6 +6,8 @@ every new connection; a connection keeps the plan it started with.
 
 from __future__ import annotations
 
+import asyncio
+
 from elements.api import element_pb2 as pb
 from proxy.chain import ChainPlan, Direction, Stage
 from proxy.config import ElementConfig
@@ -41,8 +43,11 @@ class Chain:
     """Element sessions of one worker and the current plan."""
 
     def __init__(self, elements: tuple[ElementConfig, ...]) -> None:
+        self.elements = elements
         self.sessions = [ElementSession(i, e, self._replan) for i, e in enumerate(elements)]
         self.plan = plan_for([None] * len(self.sessions), tuple(s.name for s in self.sessions))
+        self.users = 0
+        self.retired = False
 
     def _replan(self) -> None:
         self.plan = plan_for([s.description for s in self.sessions], tuple(s.name for s in self.sessions))
@@ -58,3 +63,18 @@ class Chain:
     async def stop(self) -> None:
         for session in self.sessions:
             await session.stop()
+
+    def acquire(self) -> None:
+        """A connection starts on this chain; it keeps it until it ends, even across a reload."""
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.retired and self.users == 0:
+            asyncio.get_running_loop().create_task(self.stop())
+
+    def retire(self) -> None:
+        """Replaced by a reload: stop the sessions once the last connection on this chain ends."""
+        self.retired = True
+        if self.users == 0:
+            asyncio.get_running_loop().create_task(self.stop())

@@ -22,6 +22,7 @@ from elements.api import element_pb2 as pb
 from elements.api import element_pb2_grpc as pb_grpc
 from proxy.chain import Action, Direction, Outcome, VerdictTarget
 from proxy.config import ElementConfig
+from proxy.stats import ElementStats
 
 log = logging.getLogger("proxy.session")
 
@@ -38,9 +39,9 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
-_VALID_ACTIONS = frozenset((Action.PASS, Action.DROP, Action.CLOSE, Action.RESET))
+_ACTION_NAMES = {Action.PASS: "pass", Action.DROP: "drop", Action.CLOSE: "close", Action.RESET: "reset"}
 
-Waiter = tuple[VerdictTarget, int, int]
+Waiter = tuple[VerdictTarget, int, int, float]  # target, its stage position, sequence, sent at (monotonic)
 
 
 class ElementSession:
@@ -52,7 +53,7 @@ class ElementSession:
         self.name = config.name or config.address
         self.description: pb.Description | None = None
         self.up = False
-        self.failures = 0
+        self.stats = ElementStats()
         self.unknown_verdicts = 0
         self._on_describe = on_describe
         self._outbox: list[pb.Event] = []
@@ -70,31 +71,35 @@ class ElementSession:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._fail_all("proxy stopping")
+        self._fail_all("proxy_stopping")
 
     def send_open(self, event: pb.OpenEvent, target: VerdictTarget | None, pos: int) -> None:
-        self._send(pb.Event(open=event), event.connection_id, 0, target, pos)
+        self._send(pb.Event(open=event), "open", event.connection_id, 0, target, pos)
 
     def send_data(self, connection_id: str, seq: int, direction: Direction, data: bytes, end_of_stream: bool,
                   metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None:
         event = pb.Event(data=pb.DataEvent(connection_id=connection_id, sequence=seq, direction=direction,
                                            data=data, end_of_stream=end_of_stream, metadata=metadata))
-        self._send(event, connection_id, seq, target, pos)
+        self._send(event, "data", connection_id, seq, target, pos)
 
     def send_close(self, connection_id: str, outcome: Outcome, request_bytes: int, response_bytes: int) -> None:
         if self.up:
+            self.stats.events["close"] += 1
             self._queue(pb.Event(close=pb.CloseEvent(connection_id=connection_id, reason=outcome,
                                                      request_bytes=request_bytes, response_bytes=response_bytes)))
 
-    def _send(self, event: pb.Event, connection_id: str, seq: int, target: VerdictTarget | None, pos: int) -> None:
+    def _send(self, event: pb.Event, kind: str, connection_id: str, seq: int, target: VerdictTarget | None,
+              pos: int) -> None:
         if not self.up:
             if target is not None:
-                self._loop.call_soon(self._apply_policy, (target, pos, seq), "session down")
+                self._loop.call_soon(self._apply_policy, (target, pos, seq, 0.0), "session_down")
             return
+        self.stats.events[kind] += 1
         if target is not None:
             key = (connection_id, seq)
-            self._pending[key] = (target, pos, seq)
-            self._deadlines.append((time.monotonic() + self._timeout, key))
+            now = time.monotonic()
+            self._pending[key] = (target, pos, seq, now)
+            self._deadlines.append((now + self._timeout, key))
         self._queue(event)
 
     def _queue(self, event: pb.Event) -> None:
@@ -104,8 +109,8 @@ class ElementSession:
 
     def _apply_policy(self, waiter: Waiter, why: str) -> None:
         """Answers for an element that could not: PASS unchanged when fail-open, FAIL when fail-closed."""
-        self.failures += 1
-        target, pos, seq = waiter
+        self.stats.failures[why] += 1
+        target, pos, seq, _ = waiter
         target.on_verdict(pos, seq, Action.PASS if self.config.fail_open else Action.FAIL, None, None)
 
     def _fail_all(self, why: str) -> None:
@@ -139,7 +144,7 @@ class ElementSession:
             finally:
                 was_up, self.up = self.up, False
                 self._outbox.clear()
-                self._fail_all("session down")
+                self._fail_all("session_down")
                 await channel.close(None)
                 if was_up:
                     self._on_describe()
@@ -171,10 +176,12 @@ class ElementSession:
 
     async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         pending = self._pending
+        stats = self.stats
         while True:
             response = await call.read()
             if response is grpc.aio.EOF:
                 return
+            now = time.monotonic()
             for verdict in response.verdicts:
                 waiter = pending.pop((verdict.connection_id, verdict.sequence), None)
                 if waiter is None:
@@ -182,12 +189,14 @@ class ElementSession:
                     log.debug("element %s: verdict for unknown connection %s sequence %d ignored",
                               self.name, verdict.connection_id, verdict.sequence)
                     continue
-                if verdict.action not in _VALID_ACTIONS:
+                action = _ACTION_NAMES.get(verdict.action)
+                if action is None:
                     log.warning("element %s: invalid action %d for connection %s, failure policy %s applied",
                                 self.name, verdict.action, verdict.connection_id, self.config.failure)
-                    self._apply_policy(waiter, "invalid action")
+                    self._apply_policy(waiter, "invalid_action")
                     continue
-                target, pos, seq = waiter
+                target, pos, seq, sent_at = waiter
+                stats.verdict("open" if seq == 0 else "data", action, now - sent_at)
                 target.on_verdict(pos, seq, verdict.action, verdict.data if verdict.HasField("data") else None,
                                   dict(verdict.metadata) if verdict.metadata else None)
 

@@ -7,15 +7,17 @@ never share state.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
 import secrets
 import socket
 import time
+from typing import Any
 
 from proxy.chain import LaneLimits, Outcome
-from proxy.config import HostPort, ProxyConfig
+from proxy.config import ProxyConfig, describe
 from proxy.connection import ClientSide, Connection
 from proxy.logs import fields
 from proxy.plan import Chain
@@ -45,17 +47,13 @@ class Worker:
         self.chain = Chain(config.elements)
         self.connections: dict[str, Connection] = {}
         self.servers: list[asyncio.base_events.Server] = []
+        self.accepted = {str(address): 0 for address in config.listen}
+        self.outcomes: dict[str, int] = {}
+        self.closed_bytes = {"request": 0, "response": 0}
 
     async def start(self, reuse_port: bool = False) -> None:
         """Starts sessions, waits (bounded) for every element to answer, then listens."""
-        self.chain.start()
-        deadline = time.monotonic() + STARTUP_WAIT
-        while not self.chain.all_up and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        for session in self.chain.sessions:
-            if not session.up:
-                log.warning("element %s not reachable at start; its failure policy (%s) applies until it is",
-                            session.name, session.config.failure)
+        await _start_chain(self.chain)
         loop = asyncio.get_running_loop()
         for address in self.config.listen:
             server = await loop.create_server(
@@ -67,9 +65,57 @@ class Worker:
 
     def opened(self, connection: Connection) -> None:
         self.connections[connection.id] = connection
+        self.accepted[str(connection.listener)] += 1
 
-    def closed(self, connection: Connection) -> None:
-        self.connections.pop(connection.id, None)
+    def closed(self, connection: Connection, outcome: Outcome) -> None:
+        if self.connections.pop(connection.id, None) is None:
+            return
+        name = outcome.name.lower()
+        self.outcomes[name] = self.outcomes.get(name, 0) + 1
+        self.closed_bytes["request"] += connection.request_bytes
+        self.closed_bytes["response"] += connection.response_bytes
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters for /metrics: plain data, so several workers' snapshots add up (stats.merge)."""
+        active = dict.fromkeys(self.accepted, 0)
+        written = dict(self.closed_bytes)
+        for connection in self.connections.values():
+            active[str(connection.listener)] += 1
+            written["request"] += connection.request_bytes
+            written["response"] += connection.response_bytes
+        return {
+            "connections": {listener: {"active": active[listener], "total": total}
+                            for listener, total in self.accepted.items()},
+            "closed": dict(self.outcomes),
+            "bytes": written,
+            "elements": {f"{s.index}:{s.name}": s.stats.snapshot(s.up) for s in self.chain.sessions},
+        }
+
+    def connection_list(self) -> list[dict[str, Any]]:
+        return [connection.describe() for connection in self.connections.values()]
+
+    def unready(self) -> list[str]:
+        """Why this worker should not get traffic: listeners down, fail-closed elements unreachable."""
+        reasons = [] if self.servers and all(server.is_serving() for server in self.servers) else ["not listening"]
+        reasons += [f"element {s.name} (fail-closed) session down" for s in self.chain.sessions
+                    if not s.up and not s.config.fail_open]
+        return reasons
+
+    async def reload(self, config: ProxyConfig) -> None:
+        """SIGHUP: a new chain for new connections, once its elements answer; open connections keep theirs."""
+        if config.elements == self.chain.elements:
+            log.info("reload: the chain is unchanged")
+            return
+        chain = Chain(config.elements)
+        await _start_chain(chain)
+        old, self.chain = self.chain, chain
+        self.config = dataclasses.replace(self.config, elements=config.elements)
+        old.retire()
+        log.info("reload: new connections use the new chain", extra=fields(
+            elements=[e.address for e in config.elements], connections_on_old_chain=old.users))
+
+    def effective_config(self) -> dict[str, Any]:
+        return describe(self.config)
 
     async def stop(self) -> None:
         """Stops accepting, resets what is still open, closes the element sessions."""
@@ -78,3 +124,14 @@ class Worker:
         for connection in list(self.connections.values()):
             connection.flow.reset(Outcome.FAILURE, "proxy stopping")
         await self.chain.stop()
+
+
+async def _start_chain(chain: Chain) -> None:
+    chain.start()
+    deadline = time.monotonic() + STARTUP_WAIT
+    while not chain.all_up and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    for session in chain.sessions:
+        if not session.up:
+            log.warning("element %s not reachable; its failure policy (%s) applies until it is",
+                        session.name, session.config.failure)

@@ -30,11 +30,16 @@ def elements(specs: Sequence[ElementSpec], netns: str | None = None) -> Iterator
 
 @contextmanager
 def proxy(element_addresses: Sequence[str], *options: str, listen: str = "127.0.0.1", port: int | None = None,
-          env: dict[str, str] | None = None, netns: str | None = None) -> Iterator[tuple[Proc, int]]:
-    """Runs `python -m proxy` listening on listen:port with the given chain; yields (proc, port)."""
+          env: dict[str, str] | None = None, netns: str | None = None,
+          admin: str = "off") -> Iterator[tuple[Proc, int]]:
+    """Runs `python -m proxy` listening on listen:port with the given chain; yields (proc, port).
+
+    The admin endpoint is off unless asked for: its default port would collide between
+    proxies that run side by side."""
     port = port or free_port(listen)
     bracketed = f"[{listen}]" if ":" in listen else listen
-    argv = [sys.executable, "-m", "proxy", "--listen", f"{bracketed}:{port}", "--log-level", "debug", *options]
+    argv = [sys.executable, "-m", "proxy", "--listen", f"{bracketed}:{port}", "--log-level", "debug",
+            "--admin", admin, *options]
     for address in element_addresses:
         argv += ["--element", address]
     with Proc(argv, env=env, netns=netns) as proc:

@@ -168,7 +168,8 @@ class Topology:
 
 
 def proxy_argv(spec: ProxySpec, logger: str) -> list[str]:
-    argv = [sys.executable, "-m", "proxy", "--log-level", "debug", "--element", spec.element or logger,
+    argv = [sys.executable, "-m", "proxy", "--log-level", "debug", "--admin", "off",
+            "--element", spec.element or logger,
             *spec.options]
     for port in (spec.outbound, spec.inbound):
         argv += ["--listen", f"0.0.0.0:{port}", "--listen", f"[::]:{port}"]

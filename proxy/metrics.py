@@ -1,0 +1,74 @@
+"""Prometheus text for a stats snapshot, rendered by prometheus-client at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from proxy.stats import LATENCY_BUCKETS
+
+
+class _SnapshotCollector:
+    def __init__(self, snapshot: dict[str, Any]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot
+        active = GaugeMetricFamily("element_proxy_connections_active", "Open connections.", labels=["listener"])
+        total = CounterMetricFamily("element_proxy_connections", "Accepted connections.", labels=["listener"])
+        for listener, counts in sorted(snap.get("connections", {}).items()):
+            active.add_metric([listener], counts["active"])
+            total.add_metric([listener], counts["total"])
+        yield active
+        yield total
+        closed = CounterMetricFamily("element_proxy_connections_closed", "Ended connections by outcome.",
+                                     labels=["outcome"])
+        for outcome, count in sorted(snap.get("closed", {}).items()):
+            closed.add_metric([outcome], count)
+        yield closed
+        written = CounterMetricFamily("element_proxy_bytes", "Bytes written, by direction (request: to the "
+                                      "upstream, response: to the client).", labels=["direction"])
+        for direction, count in sorted(snap.get("bytes", {}).items()):
+            written.add_metric([direction], count)
+        yield written
+        yield from self._elements(snap.get("elements", {}))
+
+    @staticmethod
+    def _elements(elements: dict[str, Any]) -> Iterator[Metric]:
+        labels = ["position", "element"]
+        up = GaugeMetricFamily("element_proxy_element_session_up",
+                               "Worker sessions to the element that are up (one per worker).", labels=labels)
+        events = CounterMetricFamily("element_proxy_element_events", "Events sent to the element.",
+                                     labels=[*labels, "kind"])
+        verdicts = CounterMetricFamily("element_proxy_element_verdicts", "Verdicts received, by event kind and "
+                                       "action.", labels=[*labels, "kind", "action"])
+        failures = CounterMetricFamily("element_proxy_element_failures", "Events the failure policy answered, by "
+                                       "cause.", labels=[*labels, "cause"])
+        latency = HistogramMetricFamily("element_proxy_element_latency_seconds",
+                                        "From sending an event to its verdict.", labels=labels)
+        for key, element in sorted(elements.items()):
+            position, name = key.split(":", 1)
+            values = [position, name]
+            up.add_metric(values, element["up"])
+            for kind, count in sorted(element["events"].items()):
+                events.add_metric([*values, kind], count)
+            for kind_action, count in sorted(element["verdicts"].items()):
+                verdicts.add_metric([*values, *kind_action.split("/", 1)], count)
+            for cause, count in sorted(element["failures"].items()):
+                failures.add_metric([*values, cause], count)
+            counts = element["latency"]["counts"]
+            cumulative, buckets = 0, []
+            for bound, count in zip([*map(str, LATENCY_BUCKETS), "+Inf"], counts):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric(values, buckets, element["latency"]["sum"])
+        yield from (up, events, verdicts, failures, latency)
+
+
+def render(snapshot: dict[str, Any]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snapshot))
+    return generate_latest(registry)
