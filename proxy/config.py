@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ class ElementConfig:
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
-    listen: tuple[HostPort, ...] = field(default_factory=lambda: tuple(parse_host_port("listen", a) for a in DEFAULT_LISTEN))
+    listen: tuple[HostPort, ...] = (HostPort("0.0.0.0", 15002), HostPort("0.0.0.0", 15006))
     target: HostPort | None = None
     elements: tuple[ElementConfig, ...] = ()
     chunk_size: int = 65536

@@ -18,6 +18,7 @@ from tests.procs import free_port, start_element
 from tests.stack import PASSTHROUGH, elements, proxy, tagger
 
 MiB = 1 << 20
+COMPLETED = 'element_proxy_connections_closed_total{{outcome="completed"}} {}.0'
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -68,7 +69,7 @@ def test_metrics_count_exact_bytes_and_chunks() -> None:
             with proxy(addresses, "--target", f"127.0.0.1:{server.port}", admin=f"127.0.0.1:{admin}") as (_, port):
                 for _ in range(3):
                     echo_round_trip(port, os.urandom(1000))
-                wait_for(lambda: 'element_proxy_connections_closed_total{outcome="completed"} 3.0' in get(admin, "/metrics")[1], 5)
+                wait_for(lambda: COMPLETED.format(3) in get(admin, "/metrics")[1], 5)
                 status, text = get(admin, "/metrics")
     assert status == 200
     listener = f"127.0.0.1:{port}"
@@ -133,8 +134,7 @@ def test_workers_add_up_in_metrics() -> None:
             wait_for(lambda: proc.output().count("element-proxy ready") == 2, 10)
             for _ in range(20):
                 assert traffic.dial("127.0.0.1", port, 10).ok
-            wait_for(lambda: 'element_proxy_connections_closed_total{outcome="completed"} 20.0' in get(admin, "/metrics")[1],
-                     5)
+            wait_for(lambda: COMPLETED.format(20) in get(admin, "/metrics")[1], 5)
             text = get(admin, "/metrics")[1]
             assert metric(text, "element_proxy_connections_total", listener=f"127.0.0.1:{port}") == 20
             assert metric(text, "element_proxy_bytes_total", direction="request") == 200

@@ -684,7 +684,7 @@ class Run:
                 assert cut == bytes(self.fed[d])
             m = self.model(d)
             actual: list[list[tuple[int, bytes, bool, dict[str, str]]]] = []
-            for pos, stage in enumerate(stages):
+            for stage in stages:
                 calls = [c for c in out.calls
                          if isinstance(c, Data) and c.direction == d and c.element == stage.element]
                 assert all(c.wait == stage.inline for c in calls)
