@@ -47,12 +47,16 @@ class Outcome(enum.IntEnum):
     PEER_RESET = 4
     UPSTREAM_UNREACHABLE = 5
     FAILURE = 6
+    IDLE_TIMEOUT = 7
+    MAX_DURATION = 8
+    PROXY_STOPPING = 9
     NOT_REDIRECTED = 100
 
     @property
     def graceful(self) -> bool:
-        """Graceful outcomes end with FIN after everything approved is written; the rest with RST."""
-        return self in (Outcome.COMPLETED, Outcome.CLOSED_BY_ELEMENT, Outcome.NOT_REDIRECTED)
+        """Graceful outcomes end with FIN after everything approved is written; the rest with RST,
+        so a cut stream is never mistaken for a complete one."""
+        return self in (Outcome.COMPLETED, Outcome.CLOSED_BY_ELEMENT, Outcome.IDLE_TIMEOUT, Outcome.NOT_REDIRECTED)
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     add("--high-water", type=int, help="bytes buffered per direction before reading pauses (default 1048576)")
     add("--upstream-mark", help="SO_MARK for upstream sockets, so iptables can exclude them (default 0: off)")
     add("--connect-timeout-ms", type=int, help="upstream connect timeout (default 5000)")
+    add("--drain-timeout-ms", type=int, help="on SIGTERM, how long open connections may finish (default 5000)")
+    add("--max-connections", type=int, help="refuse new connections beyond this many (default 0: no limit)")
+    add("--idle-timeout-ms", type=int, help="close connections idle this long (default 3600000; 0: never)")
+    add("--max-duration-ms", type=int, help="reset connections older than this (default 0: no limit)")
+    add("--max-replacement-bytes", type=int,
+        help="a verdict replacing a chunk with more bytes than this is invalid (default 16777216)")
     add("--event-loop", choices=cfg.EVENT_LOOPS, help="uvloop (default) or the stdlib asyncio loop")
     add("--workers", type=int, help="processes sharing the listening ports with SO_REUSEPORT (default 1)")
     add("--admin", metavar="HOST:PORT", help="admin HTTP endpoint (default 127.0.0.1:15000; off to disable)")

@@ -51,6 +51,8 @@ class ElementConfig:
     name: str = ""
     failure: str = "closed"
     timeout_ms: int = 1000
+    breaker_failures: int = 5
+    breaker_cooldown_ms: int = 5000
 
     @property
     def fail_open(self) -> bool:
@@ -67,6 +69,11 @@ class ProxyConfig:
     high_water: int = 1 << 20
     upstream_mark: int = 0
     connect_timeout_ms: int = 5000
+    drain_timeout_ms: int = 5000
+    max_connections: int = 0
+    idle_timeout_ms: int = 3_600_000
+    max_duration_ms: int = 0
+    max_replacement_bytes: int = 16 << 20
     event_loop: str = "uvloop"
     workers: int = 1
     admin: HostPort | None = HostPort("127.0.0.1", 15000)
@@ -110,10 +117,14 @@ def _checked_element(key: str, table: Mapping[str, Any]) -> ElementConfig:
         raise ConfigError(f"{key}.address: missing; every element needs address = \"HOST:PORT\"")
     address = _typed(f"{key}.address", table["address"], str)
     parse_host_port(f"{key}.address", address)
-    failure = _choice(f"{key}.failure", table.get("failure", "closed"), FAILURE_POLICIES)
-    timeout_ms = _positive(f"{key}.timeout_ms", table.get("timeout_ms", 1000))
-    return ElementConfig(address=address, name=_typed(f"{key}.name", table.get("name", ""), str),
-                         failure=failure, timeout_ms=timeout_ms)
+    defaults = ElementConfig(address)
+    return ElementConfig(
+        address=address, name=_typed(f"{key}.name", table.get("name", ""), str),
+        failure=_choice(f"{key}.failure", table.get("failure", defaults.failure), FAILURE_POLICIES),
+        timeout_ms=_whole(f"{key}.timeout_ms", table.get("timeout_ms", defaults.timeout_ms), 1),
+        breaker_failures=_whole(f"{key}.breaker_failures", table.get("breaker_failures", defaults.breaker_failures), 0),
+        breaker_cooldown_ms=_whole(f"{key}.breaker_cooldown_ms",
+                                   table.get("breaker_cooldown_ms", defaults.breaker_cooldown_ms), 1))
 
 
 def _typed(key: str, value: Any, kind: type) -> Any:
@@ -122,11 +133,12 @@ def _typed(key: str, value: Any, kind: type) -> Any:
     return value
 
 
-def _positive(key: str, value: Any) -> int:
+def _whole(key: str, value: Any, minimum: int) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{key}: {value!r} must be a whole number above 0")
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        allowed = "above 0" if minimum == 1 else "from 0 (off) up"
+        raise ConfigError(f"{key}: {value!r} must be a whole number {allowed}")
     return value
 
 
@@ -136,8 +148,11 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value.lower()
 
 
-_FILE_KEYS = {"listen", "target", "element", "chunk_size", "window", "high_water", "upstream_mark",
-              "connect_timeout_ms", "event_loop", "workers", "admin", "log_level", "log_format"}
+# Whole-number settings and their smallest allowed value (0 means "off" where it is allowed).
+_WHOLE_NUMBERS = {"chunk_size": 1, "window": 1, "high_water": 1, "connect_timeout_ms": 1, "drain_timeout_ms": 0,
+                  "max_connections": 0, "idle_timeout_ms": 0, "max_duration_ms": 0, "max_replacement_bytes": 1,
+                  "workers": 1}
+_FILE_KEYS = {f.name for f in fields(ProxyConfig)} - {"elements"} | {"element"}
 
 
 def read_file(path: Path) -> dict[str, Any]:
@@ -184,20 +199,18 @@ def build(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, A
             raise ConfigError("element: must be an array of tables ([[element]] with address = \"HOST:PORT\")")
         elements = tuple(_checked_element(f"element[{i}]", t) for i, t in enumerate(tables))
 
+    defaults = ProxyConfig()
     config = ProxyConfig(
         listen=listen,
         target=parse_host_port("target (TARGET_ADDR)", _typed("target", target, str)) if target else None,
         elements=elements,
-        chunk_size=_positive("chunk_size", merged.get("chunk_size", 65536)),
-        window=_positive("window", merged.get("window", 8)),
-        high_water=_positive("high_water", merged.get("high_water", 1 << 20)),
         upstream_mark=_mark(merged.get("upstream_mark", 0)),
-        connect_timeout_ms=_positive("connect_timeout_ms", merged.get("connect_timeout_ms", 5000)),
-        event_loop=_choice("event_loop", merged.get("event_loop", "uvloop"), EVENT_LOOPS),
-        workers=_positive("workers", merged.get("workers", 1)),
-        admin=_admin(merged.get("admin", "127.0.0.1:15000")),
-        log_level=_choice("log_level (LOG_LEVEL)", merged.get("log_level", "debug"), LOG_LEVELS),
-        log_format=_choice("log_format (LOG_FORMAT)", merged.get("log_format", "console"), LOG_FORMATS),
+        event_loop=_choice("event_loop", merged.get("event_loop", defaults.event_loop), EVENT_LOOPS),
+        admin=_admin(merged.get("admin", str(defaults.admin))),
+        log_level=_choice("log_level (LOG_LEVEL)", merged.get("log_level", defaults.log_level), LOG_LEVELS),
+        log_format=_choice("log_format (LOG_FORMAT)", merged.get("log_format", defaults.log_format), LOG_FORMATS),
+        **{key: _whole(key, merged.get(key, getattr(defaults, key)), minimum)
+           for key, minimum in _WHOLE_NUMBERS.items()},
     )
     if config.high_water < config.chunk_size:
         raise ConfigError(f"high_water: {config.high_water} must be at least chunk_size ({config.chunk_size})")

@@ -82,7 +82,9 @@ class _Side(asyncio.Protocol):
         self.reads = reads
 
     def data_received(self, data: bytes) -> None:
-        self.conn.flow.lane(self.reads).feed(data)
+        conn = self.conn
+        conn.last_active = time.monotonic()
+        conn.flow.lane(self.reads).feed(data)
 
     def eof_received(self) -> bool:
         self.conn.flow.lane(self.reads).feed_eof()
@@ -106,6 +108,11 @@ class ClientSide(_Side):
         self.listener = listener
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        refusal = self.worker.refusal()
+        if refusal is not None:
+            self.worker.refuse(refusal)
+            _abort_with_rst(cast(asyncio.Transport, transport))
+            return
         self.reads = Direction.REQUEST
         self.conn = Connection(self.worker, self.listener, cast(asyncio.Transport, transport))
         self.conn.start()
@@ -145,7 +152,7 @@ class Connection:
         self.early_eof = False
         self.request_bytes = 0
         self.response_bytes = 0
-        self.started = time.monotonic()
+        self.started = self.last_active = time.monotonic()
         self.client_address = ("", 0)
         self.destination: HostPort | None = None
         self.dial_task: asyncio.Task[None] | None = None
@@ -248,7 +255,7 @@ class Connection:
         self.worker.closed(self, outcome)
         self.chain.release()
         level = logging.INFO if outcome in (Outcome.COMPLETED, Outcome.CLOSED_BY_ELEMENT, Outcome.PEER_RESET,
-                                            Outcome.RESET_BY_ELEMENT) else logging.WARNING
+                                            Outcome.RESET_BY_ELEMENT, Outcome.IDLE_TIMEOUT) else logging.WARNING
         log.log(level, "connection closed", extra=fields(
             conn=self.id, outcome=outcome.name.lower(), detail=detail or None,
             client=str(HostPort(*self.client_address)), destination=str(self.destination),

@@ -29,6 +29,10 @@ class _SnapshotCollector:
         for outcome, count in sorted(snap.get("closed", {}).items()):
             closed.add_metric([outcome], count)
         yield closed
+        refused = CounterMetricFamily("element_proxy_connections_refused", "Connections refused at accept "
+                                      "(max_connections, a fail-closed element's breaker open).")
+        refused.add_metric([], snap.get("refused", 0))
+        yield refused
         written = CounterMetricFamily("element_proxy_bytes", "Bytes written, by direction (request: to the "
                                       "upstream, response: to the client).", labels=["direction"])
         for direction, count in sorted(snap.get("bytes", {}).items()):
@@ -41,6 +45,8 @@ class _SnapshotCollector:
         labels = ["position", "element"]
         up = GaugeMetricFamily("element_proxy_element_session_up",
                                "Worker sessions to the element that are up (one per worker).", labels=labels)
+        breaker = GaugeMetricFamily("element_proxy_element_breaker_open",
+                                    "Workers whose circuit breaker for the element is open.", labels=labels)
         events = CounterMetricFamily("element_proxy_element_events", "Events sent to the element.",
                                      labels=[*labels, "kind"])
         verdicts = CounterMetricFamily("element_proxy_element_verdicts", "Verdicts received, by event kind and "
@@ -53,6 +59,7 @@ class _SnapshotCollector:
             position, name = key.split(":", 1)
             values = [position, name]
             up.add_metric(values, element["up"])
+            breaker.add_metric(values, element["breaker_open"])
             for kind, count in sorted(element["events"].items()):
                 events.add_metric([*values, kind], count)
             for kind_action, count in sorted(element["verdicts"].items()):
@@ -65,7 +72,7 @@ class _SnapshotCollector:
                 cumulative += count
                 buckets.append((bound, cumulative))
             latency.add_metric(values, buckets, element["latency"]["sum"])
-        yield from (up, events, verdicts, failures, latency)
+        yield from (up, breaker, events, verdicts, failures, latency)
 
 
 def render(snapshot: dict[str, Any]) -> bytes:

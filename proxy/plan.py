@@ -14,16 +14,20 @@ from proxy.config import ElementConfig
 from proxy.session import ElementSession
 
 
-def plan_for(descriptions: list[pb.Description | None], names: tuple[str, ...] = ()) -> ChainPlan:
+def plan_for(descriptions: list[pb.Description | None], names: tuple[str, ...] = (),
+             skipped: frozenset[int] = frozenset()) -> ChainPlan:
     """Stages per direction: requests visit elements 0..N-1, responses N-1..0.
 
     An element never reached has no description: it is planned as inline on Open and
     both directions, so its failure policy decides (fail-closed rejects before dialing).
+    `skipped` elements (fail-open, breaker open) get no stage at all.
     """
     request: list[Stage] = []
     response: list[Stage] = []
     open_stages: list[Stage] = []
     for index, description in enumerate(descriptions):
+        if index in skipped:
+            continue
         if description is None:
             for stages in (request, response, open_stages):
                 stages.append(Stage(index))
@@ -42,15 +46,23 @@ def plan_for(descriptions: list[pb.Description | None], names: tuple[str, ...] =
 class Chain:
     """Element sessions of one worker and the current plan."""
 
-    def __init__(self, elements: tuple[ElementConfig, ...]) -> None:
+    def __init__(self, elements: tuple[ElementConfig, ...], max_replacement_bytes: int) -> None:
         self.elements = elements
-        self.sessions = [ElementSession(i, e, self._replan) for i, e in enumerate(elements)]
+        self.sessions = [ElementSession(i, e, self._replan, max_replacement_bytes) for i, e in enumerate(elements)]
         self.plan = plan_for([None] * len(self.sessions), tuple(s.name for s in self.sessions))
         self.users = 0
         self.retired = False
 
     def _replan(self) -> None:
-        self.plan = plan_for([s.description for s in self.sessions], tuple(s.name for s in self.sessions))
+        self.plan = plan_for([s.description for s in self.sessions], tuple(s.name for s in self.sessions),
+                             frozenset(s.index for s in self.sessions if s.tripped and s.config.fail_open))
+
+    def refusing(self) -> str | None:
+        """Why new connections are refused: a fail-closed element whose breaker is open."""
+        for session in self.sessions:
+            if session.tripped and not session.config.fail_open:
+                return f"element {session.name} (fail-closed) circuit breaker open"
+        return None
 
     def start(self) -> None:
         for session in self.sessions:

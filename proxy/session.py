@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from elements.api import element_pb2 as pb
 from elements.api import element_pb2_grpc as pb_grpc
@@ -47,14 +48,19 @@ Waiter = tuple[VerdictTarget, int, int, float]  # target, its stage position, se
 class ElementSession:
     """Keeps one Session stream to one element open, reconnecting with capped backoff."""
 
-    def __init__(self, index: int, config: ElementConfig, on_describe: Callable[[], None]) -> None:
+    def __init__(self, index: int, config: ElementConfig, on_describe: Callable[[], None],
+                 max_replacement_bytes: int) -> None:
         self.index = index
         self.config = config
         self.name = config.name or config.address
         self.description: pb.Description | None = None
         self.up = False
+        self.tripped = False
         self.stats = ElementStats()
         self.unknown_verdicts = 0
+        self._max_replacement = max_replacement_bytes
+        self._consecutive_failures = 0
+        self._probe: asyncio.Task[None] | None = None
         self._on_describe = on_describe
         self._outbox: list[pb.Event] = []
         self._wakeup = asyncio.Event()
@@ -68,9 +74,10 @@ class ElementSession:
         self._task = asyncio.create_task(self._run(), name=f"session-{self.name}")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._probe):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self._fail_all("proxy_stopping")
 
     def send_open(self, event: pb.OpenEvent, target: VerdictTarget | None, pos: int) -> None:
@@ -90,9 +97,10 @@ class ElementSession:
 
     def _send(self, event: pb.Event, kind: str, connection_id: str, seq: int, target: VerdictTarget | None,
               pos: int) -> None:
-        if not self.up:
+        if not self.up or self.tripped:
             if target is not None:
-                self._loop.call_soon(self._apply_policy, (target, pos, seq, 0.0), "session_down")
+                self._loop.call_soon(self._apply_policy, (target, pos, seq, 0.0),
+                                     "breaker_open" if self.tripped else "session_down")
             return
         self.stats.events[kind] += 1
         if target is not None:
@@ -110,8 +118,44 @@ class ElementSession:
     def _apply_policy(self, waiter: Waiter, why: str) -> None:
         """Answers for an element that could not: PASS unchanged when fail-open, FAIL when fail-closed."""
         self.stats.failures[why] += 1
+        self._consecutive_failures += 1
+        if self.config.breaker_failures and self._consecutive_failures >= self.config.breaker_failures:
+            self._open_breaker()
         target, pos, seq, _ = waiter
         target.on_verdict(pos, seq, Action.PASS if self.config.fail_open else Action.FAIL, None, None)
+
+    def _open_breaker(self) -> None:
+        """K failures in a row: stop asking the element (fail-open: skip it; fail-closed: refuse new
+        connections) for a cool-down, then probe its health before trusting it again."""
+        if self.tripped:
+            return
+        self.tripped = True
+        log.warning("element %s: circuit breaker open after %d failures in a row; %s for %d ms, then probing",
+                    self.name, self._consecutive_failures,
+                    "skipping it" if self.config.fail_open else "refusing new connections",
+                    self.config.breaker_cooldown_ms)
+        self._on_describe()
+        self._probe = asyncio.create_task(self._probe_until_healthy())
+
+    def _close_breaker(self, why: str) -> None:
+        self._consecutive_failures = 0
+        if self.tripped:
+            self.tripped = False
+            log.info("element %s: circuit breaker closed (%s)", self.name, why)
+            self._on_describe()
+
+    async def _probe_until_healthy(self) -> None:
+        while self.tripped:
+            await asyncio.sleep(self.config.breaker_cooldown_ms / 1000)
+            async with grpc.aio.insecure_channel(self.config.address) as channel:
+                try:
+                    health = await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=self._timeout)
+                except grpc.aio.AioRpcError as error:
+                    log.info("element %s: probe failed (%s), breaker stays open", self.name, error.code().name)
+                    continue
+            if health.status == health_pb2.HealthCheckResponse.SERVING:
+                self._close_breaker("health probe passed")
 
     def _fail_all(self, why: str) -> None:
         pending, self._pending = self._pending, {}
@@ -134,6 +178,7 @@ class ElementSession:
                 self.up = True
                 backoff = BACKOFF_FIRST
                 log.info("element %s session up at %s", self.name, self.config.address)
+                self._close_breaker("session up")
                 self._on_describe()
                 await self._stream(call)
                 log.warning("element %s ended its session", self.name)
@@ -190,14 +235,19 @@ class ElementSession:
                               self.name, verdict.connection_id, verdict.sequence)
                     continue
                 action = _ACTION_NAMES.get(verdict.action)
-                if action is None:
-                    log.warning("element %s: invalid action %d for connection %s, failure policy %s applied",
-                                self.name, verdict.action, verdict.connection_id, self.config.failure)
-                    self._apply_policy(waiter, "invalid_action")
+                data = verdict.data if verdict.HasField("data") else None
+                if action is None or data is not None and len(data) > self._max_replacement:
+                    log.warning("element %s: invalid verdict for connection %s (%s), failure policy %s applied",
+                                self.name, verdict.connection_id,
+                                f"action {verdict.action}" if action is None else
+                                f"{len(data or b'')} replacement bytes, over max_replacement_bytes",
+                                self.config.failure)
+                    self._apply_policy(waiter, "invalid_verdict")
                     continue
+                self._consecutive_failures = 0
                 target, pos, seq, sent_at = waiter
                 stats.verdict("open" if seq == 0 else "data", action, now - sent_at)
-                target.on_verdict(pos, seq, verdict.action, verdict.data if verdict.HasField("data") else None,
+                target.on_verdict(pos, seq, verdict.action, data,
                                   dict(verdict.metadata) if verdict.metadata else None)
 
     async def _watch_timeouts(self) -> None:

@@ -12,7 +12,7 @@ from bisect import bisect_left
 from typing import Any
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-FAILURE_CAUSES = ("timeout", "session_down", "invalid_action", "proxy_stopping")
+FAILURE_CAUSES = ("timeout", "session_down", "breaker_open", "invalid_verdict", "proxy_stopping")
 
 
 class ElementStats:
@@ -33,8 +33,8 @@ class ElementStats:
         self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
-    def snapshot(self, up: bool) -> dict[str, Any]:
-        return {"up": int(up), "events": dict(self.events), "verdicts": dict(self.verdicts),
+    def snapshot(self, up: bool, tripped: bool) -> dict[str, Any]:
+        return {"up": int(up), "breaker_open": int(tripped), "events": dict(self.events), "verdicts": dict(self.verdicts),
                 "failures": dict(self.failures),
                 "latency": {"counts": list(self.latency_counts), "sum": self.latency_sum}}
 

@@ -44,12 +44,15 @@ class Worker:
         self.config = config
         self.limits = LaneLimits(config.chunk_size, config.window, config.high_water)
         self.ids = ConnectionIds()
-        self.chain = Chain(config.elements)
+        self.chain = Chain(config.elements, config.max_replacement_bytes)
         self.connections: dict[str, Connection] = {}
         self.servers: list[asyncio.base_events.Server] = []
         self.accepted = {str(address): 0 for address in config.listen}
         self.outcomes: dict[str, int] = {}
         self.closed_bytes = {"request": 0, "response": 0}
+        self.refused = 0
+        self.draining = False
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, reuse_port: bool = False) -> None:
         """Starts sessions, waits (bounded) for every element to answer, then listens."""
@@ -62,6 +65,32 @@ class Worker:
                 reuse_address=True, reuse_port=reuse_port, backlog=4096)
             self.servers.append(server)
             log.info("listening", extra=fields(address=str(address)))
+        if self.config.idle_timeout_ms or self.config.max_duration_ms:
+            self._sweeper = asyncio.create_task(self._sweep())
+
+    def refusal(self) -> str | None:
+        """Why a new connection must be refused at once, or None to accept it."""
+        limit = self.config.max_connections
+        if limit and len(self.connections) >= limit:
+            return f"max_connections ({limit}) reached"
+        return self.chain.refusing()
+
+    def refuse(self, reason: str) -> None:
+        self.refused += 1
+        log.debug("connection refused", extra=fields(reason=reason))
+
+    async def _sweep(self) -> None:
+        """Ends idle and too-old connections; one pass a second is plenty for timeouts of seconds."""
+        idle = self.config.idle_timeout_ms / 1000
+        longest = self.config.max_duration_ms / 1000
+        while True:
+            await asyncio.sleep(min(1.0, max(0.05, min(t for t in (idle, longest) if t) / 4)))
+            now = time.monotonic()
+            for connection in list(self.connections.values()):
+                if longest and now - connection.started > longest:
+                    connection.flow.reset(Outcome.MAX_DURATION, f"open longer than {self.config.max_duration_ms} ms")
+                elif idle and now - connection.last_active > idle:
+                    connection.flow.reset(Outcome.IDLE_TIMEOUT, f"idle for {self.config.idle_timeout_ms} ms")
 
     def opened(self, connection: Connection) -> None:
         self.connections[connection.id] = connection
@@ -87,8 +116,9 @@ class Worker:
             "connections": {listener: {"active": active[listener], "total": total}
                             for listener, total in self.accepted.items()},
             "closed": dict(self.outcomes),
+            "refused": self.refused,
             "bytes": written,
-            "elements": {f"{s.index}:{s.name}": s.stats.snapshot(s.up) for s in self.chain.sessions},
+            "elements": {f"{s.index}:{s.name}": s.stats.snapshot(s.up, s.tripped) for s in self.chain.sessions},
         }
 
     def connection_list(self) -> list[dict[str, Any]]:
@@ -96,7 +126,9 @@ class Worker:
 
     def unready(self) -> list[str]:
         """Why this worker should not get traffic: listeners down, fail-closed elements unreachable."""
-        reasons = [] if self.servers and all(server.is_serving() for server in self.servers) else ["not listening"]
+        reasons = ["draining"] if self.draining else []
+        if not self.servers or not all(server.is_serving() for server in self.servers):
+            reasons.append("not listening")
         reasons += [f"element {s.name} (fail-closed) session down" for s in self.chain.sessions
                     if not s.up and not s.config.fail_open]
         return reasons
@@ -106,7 +138,7 @@ class Worker:
         if config.elements == self.chain.elements:
             log.info("reload: the chain is unchanged")
             return
-        chain = Chain(config.elements)
+        chain = Chain(config.elements, self.config.max_replacement_bytes)
         await _start_chain(chain)
         old, self.chain = self.chain, chain
         self.config = dataclasses.replace(self.config, elements=config.elements)
@@ -118,11 +150,22 @@ class Worker:
         return describe(self.config)
 
     async def stop(self) -> None:
-        """Stops accepting, resets what is still open, closes the element sessions."""
+        """Graceful drain: stop accepting, let open connections finish within drain_timeout_ms,
+        reset what is left, close the element sessions."""
+        self.draining = True
         for server in self.servers:
             server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        deadline = time.monotonic() + self.config.drain_timeout_ms / 1000
+        if self.connections:
+            log.info("draining", extra=fields(connections=len(self.connections),
+                                              drain_timeout_ms=self.config.drain_timeout_ms))
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         for connection in list(self.connections.values()):
-            connection.flow.reset(Outcome.FAILURE, "proxy stopping")
+            connection.flow.reset(Outcome.PROXY_STOPPING, f"still open after drain_timeout_ms "
+                                                          f"({self.config.drain_timeout_ms})")
         await self.chain.stop()
 
 

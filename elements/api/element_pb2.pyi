@@ -36,6 +36,9 @@ class CloseReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CLOSE_REASON_PEER_RESET: _ClassVar[CloseReason]
     CLOSE_REASON_UPSTREAM_UNREACHABLE: _ClassVar[CloseReason]
     CLOSE_REASON_FAILURE: _ClassVar[CloseReason]
+    CLOSE_REASON_IDLE_TIMEOUT: _ClassVar[CloseReason]
+    CLOSE_REASON_MAX_DURATION: _ClassVar[CloseReason]
+    CLOSE_REASON_PROXY_STOPPING: _ClassVar[CloseReason]
 DIRECTION_UNSPECIFIED: Direction
 DIRECTION_REQUEST: Direction
 DIRECTION_RESPONSE: Direction
@@ -54,6 +57,9 @@ CLOSE_REASON_RESET_BY_ELEMENT: CloseReason
 CLOSE_REASON_PEER_RESET: CloseReason
 CLOSE_REASON_UPSTREAM_UNREACHABLE: CloseReason
 CLOSE_REASON_FAILURE: CloseReason
+CLOSE_REASON_IDLE_TIMEOUT: CloseReason
+CLOSE_REASON_MAX_DURATION: CloseReason
+CLOSE_REASON_PROXY_STOPPING: CloseReason
 
 class Address(_message.Message):
     __slots__ = ("ip", "port")
