@@ -1,0 +1,1 @@
+"""The element-proxy benchmark: `python bench/run.py` (see bench/README.md)."""

@@ -1,0 +1,174 @@
+"""The servers and the set-ups: each set-up is a way to reach the same iperf3 and redis servers.
+
+`direct` dials the servers, `haproxy` goes through haproxy (mode tcp, one thread), the
+others go through element-proxy with a chain of element processes. TARGET_ADDR is a
+single target, so each proxied set-up runs one front process per target server (one
+for iperf3, one for redis), each with its own element processes, and haproxy is run
+the same way: the peak RSS of a front under bulk then belongs to bulk alone.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.procs import Proc, Procs, free_port
+
+TARGETS = ("iperf", "redis")
+
+# element-proxy set-ups: name -> element modules, in chain order
+CHAINS: dict[str, list[str]] = {
+    "empty": [],
+    "pass1": ["elements.passthrough"],
+    "pass3": ["elements.passthrough"] * 3,
+    "observe1": ["bench.observe_element"],
+}
+SETUPS = ["direct", "haproxy", *CHAINS]
+
+HAPROXY_CFG = """\
+global
+    nbthread 1
+    maxconn {maxconn}
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 5m
+    timeout server 5m
+frontend front
+    bind 127.0.0.1:{listen}
+    default_backend back
+backend back
+    server target 127.0.0.1:{target}
+"""
+
+
+@dataclass
+class Front:
+    """The process(es) one set-up puts in front of one target server."""
+
+    port: int
+    proc: Proc | None = None
+    argv: list[str] = field(default_factory=list)
+    elements: list[Proc] = field(default_factory=list)
+    restarts: int = 0
+
+
+@dataclass
+class Setup:
+    name: str
+    fronts: dict[str, Front]
+
+    @property
+    def proxied(self) -> bool:
+        return self.name in CHAINS
+
+
+class Stack:
+    """Starts the servers and every set-up once; restarts what dies, by PID."""
+
+    def __init__(self, procs: Procs, work_dir: Path, max_fds: int) -> None:
+        self.procs = procs
+        self.work_dir = work_dir
+        self.max_fds = max_fds
+        self.server_ports = {"iperf": free_port(), "redis": free_port()}
+        self.servers: dict[str, Proc] = {}
+        self.setups: dict[str, Setup] = {}
+
+    # servers -------------------------------------------------------------
+    def start_servers(self) -> None:
+        self.start_iperf()
+        port = self.server_ports["redis"]
+        self.servers["redis"] = self.procs.start("redis", [
+            "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--daemonize", "no", "--maxclients", "20000", "--loglevel", "warning"])
+        self.servers["redis"].wait_listening([port])
+
+    def start_iperf(self) -> None:
+        """(Re)starts `iperf3 -s`: a failed test can leave it busy, and it serves one test at a time."""
+        old = self.servers.get("iperf")
+        if old is not None:
+            self.procs.stop(old)
+        port = self.server_ports["iperf"]
+        self.servers["iperf"] = self.procs.start("iperf3-server", ["iperf3", "-s", "-p", str(port), "-B", "127.0.0.1"])
+        self.servers["iperf"].wait_listening([port])
+
+    # set-ups ---------------------------------------------------------------
+    def start_setups(self, names: list[str]) -> None:
+        if "direct" in names:
+            self.setups["direct"] = Setup("direct", {t: Front(self.server_ports[t]) for t in TARGETS})
+        if "haproxy" in names:
+            self.setups["haproxy"] = Setup("haproxy", {t: self.start_haproxy(t) for t in TARGETS})
+        proxied = [name for name in names if name in CHAINS]
+        # every element first (in parallel), then every proxy
+        pending: dict[tuple[str, str], tuple[list[Proc], list[int]]] = {}
+        for name in proxied:
+            for target in TARGETS:
+                ports = [free_port() for _ in CHAINS[name]]
+                elements = [self.start_element(module, port, f"{name}-{target}-el{i}")
+                            for i, (module, port) in enumerate(zip(CHAINS[name], ports))]
+                pending[name, target] = (elements, ports)
+        for elements, ports in pending.values():
+            for proc, port in zip(elements, ports):
+                proc.wait_listening([port])
+        for name in proxied:
+            fronts = {}
+            for target in TARGETS:
+                elements, ports = pending[name, target]
+                front = Front(free_port(), elements=elements)
+                front.argv = self.proxy_argv(front.port, target, ports)
+                front.proc = self.procs.start(f"proxy-{name}-{target}", front.argv)
+                fronts[target] = front
+            self.setups[name] = Setup(name, fronts)
+        for name in proxied:
+            for front in self.setups[name].fronts.values():
+                self.wait_proxy(front)
+
+    def start_element(self, module: str, port: int, label: str) -> Proc:
+        return self.procs.start(label, [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port),
+                                        "--log-level", "warning"])
+
+    def start_haproxy(self, target: str, label: str = "") -> Front:
+        front = Front(free_port())
+        cfg = self.work_dir / f"haproxy-{target}{label}.cfg"
+        # haproxy needs two descriptors per proxied connection
+        cfg.write_text(HAPROXY_CFG.format(maxconn=(self.max_fds - 100) // 2, listen=front.port,
+                                          target=self.server_ports[target]))
+        front.argv = ["haproxy", "-f", str(cfg), "-db"]
+        front.proc = self.procs.start(f"haproxy-{target}{label}", front.argv)
+        front.proc.wait_listening([front.port])
+        return front
+
+    def start_proxy(self, name: str, target: str, label: str = "") -> Front:
+        """A fresh element-proxy with no element (the idle-connection test uses it)."""
+        assert name == "empty"
+        front = Front(free_port())
+        front.argv = self.proxy_argv(front.port, target, [])
+        front.proc = self.procs.start(f"proxy-{name}-{target}{label}", front.argv)
+        self.wait_proxy(front)
+        return front
+
+    def proxy_argv(self, port: int, target: str, element_ports: list[int]) -> list[str]:
+        """Defaults otherwise; each proxy gets its own admin port (the default 15000 would collide)."""
+        return [sys.executable, "-m", "proxy", "--listen", f"127.0.0.1:{port}",
+                "--target", f"127.0.0.1:{self.server_ports[target]}",
+                *[arg for element in element_ports for arg in ("--element", f"127.0.0.1:{element}")],
+                "--admin", f"127.0.0.1:{free_port()}", "--event-loop", "uvloop", "--log-level", "warning"]
+
+    def wait_proxy(self, front: Front) -> None:
+        """Ready = listening. The proxy listens once every element session is up, or after 5 s
+        without one; "element-proxy ready" is logged at info, which --log-level warning hides,
+        so a start without an element is caught by its warning instead."""
+        assert front.proc is not None
+        front.proc.wait_listening([front.port])
+        if "not reachable at start" in front.proc.output():
+            raise RuntimeError(f"{front.proc.name}: an element was not up:\n{front.proc.tail()}")
+
+    def restart_front(self, front: Front) -> None:
+        """Starts a dead proxy again on the same port, so the remaining figures are still measured."""
+        assert front.proc is not None
+        self.procs.stop(front.proc)
+        base = front.proc.name.split("-restart")[0]
+        front.proc = self.procs.start(f"{base}-restart{front.restarts + 1}", front.argv)
+        front.restarts += 1
+        front.proc.wait_listening([front.port])

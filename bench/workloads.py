@@ -1,0 +1,109 @@
+"""The client side of each workload: one bounded subprocess, its output parsed into figures.
+
+A workload returns a dict of figures, or raises `WorkloadFailed` with what the client
+said, so a failure is recorded as a failed sample rather than a number.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+
+
+class WorkloadFailed(Exception):
+    """The client failed, timed out, or printed nothing parseable."""
+
+
+@dataclass(frozen=True)
+class Redis:
+    """A redis-benchmark workload: which test, how many clients, keepalive or a connection per request."""
+
+    name: str
+    test: str
+    clients: int
+    keepalive: bool = True
+    one_cpu: bool = False  # client, front, elements and redis-server all on one CPU
+
+    def argv(self, port: int, requests: int, cpu: int = 0) -> list[str]:
+        pin = ["taskset", "-c", str(cpu)] if self.one_cpu else []
+        return [*pin, "redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", self.test, "-c", str(self.clients),
+                "-n", str(requests), "-k", "1" if self.keepalive else "0", "--csv"]
+
+
+GET1 = Redis("get1", "get", 1)
+GET1_ONE_CPU = Redis("get1cpu", "get", 1, one_cpu=True)
+GET50 = Redis("get50", "get", 50)
+CHURN = Redis("churn", "ping_inline", 10, keepalive=False)
+REDIS_WORKLOADS = (GET1, GET1_ONE_CPU, GET50, CHURN)
+
+
+def _run(argv: list[str], timeout: float) -> tuple[str, float]:
+    started = time.monotonic()
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as expired:
+        out = (expired.stdout or b"")[-2000:] if isinstance(expired.stdout, bytes) else (expired.stdout or "")[-2000:]
+        raise WorkloadFailed(f"timed out after {timeout:.0f}s: {' '.join(argv)}\n{out}") from None
+    elapsed = time.monotonic() - started
+    if done.returncode != 0:
+        raise WorkloadFailed(f"exit {done.returncode}: {' '.join(argv)}\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return done.stdout, elapsed
+
+
+def iperf3(port: int, seconds: int, reverse: bool) -> dict[str, float]:
+    """Gb/s received by the receiving side (sum_received), client->server, or server->client with -R."""
+    argv = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout", "3000"]
+    if reverse:
+        argv.append("-R")
+    try:
+        out, elapsed = _run(argv, timeout=seconds + 20)
+    except WorkloadFailed as failed:
+        raise WorkloadFailed(_iperf_error(str(failed)) or str(failed)) from None
+    try:
+        result = json.loads(out)
+    except json.JSONDecodeError:
+        raise WorkloadFailed(f"iperf3 printed no JSON:\n{out[-2000:]}") from None
+    if "error" in result:
+        raise WorkloadFailed(f"iperf3: {result['error']}")
+    end = result["end"]
+    return {
+        "gbps": end["sum_received"]["bits_per_second"] / 1e9,
+        "sent_gbps": end["sum_sent"]["bits_per_second"] / 1e9,
+        "retransmits": end["sum_sent"].get("retransmits", 0),
+        "client_cpu_pct": end.get("cpu_utilization_percent", {}).get("host_total", 0.0),
+        "server_cpu_pct": end.get("cpu_utilization_percent", {}).get("remote_total", 0.0),
+        "elapsed_s": elapsed,
+    }
+
+
+def _iperf_error(message: str) -> str | None:
+    """iperf3 -J exits non-zero with its error inside the JSON; pull it out."""
+    start = message.find("{")
+    if start < 0:
+        return None
+    try:
+        return "iperf3: " + json.loads(message[start:message.rfind("}") + 1]).get("error", "")
+    except json.JSONDecodeError:
+        return None
+
+
+def redis_benchmark(workload: Redis, port: int, requests: int, timeout: float, cpu: int = 0) -> dict[str, float]:
+    """req/s and latency percentiles (ms) from redis-benchmark --csv (redis 7 columns)."""
+    out, elapsed = _run(workload.argv(port, requests, cpu), timeout)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    if len(rows) != 1 or "rps" not in rows[0]:
+        raise WorkloadFailed(f"unexpected redis-benchmark output:\n{out[-2000:]}")
+    row = rows[0]
+    try:
+        figures = {key.removesuffix("_latency_ms"): float(value) for key, value in row.items() if key != "test"}
+    except ValueError:
+        raise WorkloadFailed(f"unparseable redis-benchmark row: {row}") from None
+    if figures["rps"] <= 0:
+        raise WorkloadFailed(f"redis-benchmark reported {figures['rps']} req/s")
+    figures["requests"] = requests
+    figures["elapsed_s"] = elapsed
+    return figures
