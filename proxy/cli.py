@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -111,8 +112,18 @@ async def _reload(worker: Worker, argv: Sequence[str]) -> None:
     await worker.reload(config)
 
 
+def _raise_file_limit() -> None:
+    """Every proxied connection holds two descriptors; the usual soft limit of 1024 would cap
+    a worker near 500 connections, so take what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.debug("open file limit raised", extra=logs.fields(soft=soft, now=hard))
+
+
 def run(config: cfg.ProxyConfig, argv: Sequence[str]) -> int:
     """Runs one worker on the configured event loop until SIGTERM/SIGINT."""
+    _raise_file_limit()
     if config.event_loop == "uvloop":
         import uvloop
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)

@@ -29,14 +29,20 @@ log = logging.getLogger("proxy.session")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 BATCH_BYTES = 8 * 1024 * 1024
+# Observe-mode events are never waited for, so nothing else bounds them: past this many
+# queued bytes they are dropped (and counted) rather than growing the proxy's memory.
+OBSERVE_BACKLOG_BYTES = 16 * 1024 * 1024
 BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 0.5
 DESCRIBE_TIMEOUT = 2.0
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    # gRPC servers refuse pings more often than every 5 minutes by default (GOAWAY
+    # "too_many_pings", which would drop the session): a dead element shows up as a
+    # broken connection long before a keepalive would notice anyway.
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.initial_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
@@ -63,6 +69,7 @@ class ElementSession:
         self._probe: asyncio.Task[None] | None = None
         self._on_describe = on_describe
         self._outbox: list[pb.Event] = []
+        self._outbox_bytes = 0
         self._wakeup = asyncio.Event()
         self._pending: dict[tuple[str, int], Waiter] = {}
         self._deadlines: deque[tuple[float, tuple[str, int]]] = deque()
@@ -85,6 +92,10 @@ class ElementSession:
 
     def send_data(self, connection_id: str, seq: int, direction: Direction, data: bytes, end_of_stream: bool,
                   metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None:
+        if target is None and self._outbox_bytes > OBSERVE_BACKLOG_BYTES:
+            self.stats.failures["backlog_full"] += 1
+            return
+        self._outbox_bytes += len(data)
         event = pb.Event(data=pb.DataEvent(connection_id=connection_id, sequence=seq, direction=direction,
                                            data=data, end_of_stream=end_of_stream, metadata=metadata))
         self._send(event, "data", connection_id, seq, target, pos)
@@ -189,6 +200,7 @@ class ElementSession:
             finally:
                 was_up, self.up = self.up, False
                 self._outbox.clear()
+                self._outbox_bytes = 0
                 self._fail_all("session_down")
                 await channel.close(None)
                 if was_up:
@@ -217,6 +229,7 @@ class ElementSession:
                 await self._wakeup.wait()
                 continue
             batch, self._outbox = _take_batch(self._outbox)
+            self._outbox_bytes = sum(len(event.data.data) for event in self._outbox)
             await call.write(pb.SessionRequest(events=batch))
 
     async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:

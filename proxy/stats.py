@@ -12,7 +12,7 @@ from bisect import bisect_left
 from typing import Any
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-FAILURE_CAUSES = ("timeout", "session_down", "breaker_open", "invalid_verdict", "proxy_stopping")
+FAILURE_CAUSES = ("timeout", "session_down", "breaker_open", "invalid_verdict", "proxy_stopping", "backlog_full")
 
 
 class ElementStats:
