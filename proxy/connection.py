@@ -36,6 +36,8 @@ PAUSE_FLOW = 1        # the lane holds high_water bytes
 PAUSE_DEST_FULL = 2   # the other side's write buffer is full
 PAUSE_STARTING = 4    # Open phase running, or the upstream is not connected yet
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_ROUTINE_OUTCOMES = frozenset((Outcome.COMPLETED, Outcome.CLOSED_BY_ELEMENT, Outcome.PEER_RESET,
+                               Outcome.RESET_BY_ELEMENT, Outcome.IDLE_TIMEOUT))
 
 
 def _plain_ip(host: str) -> str:
@@ -48,6 +50,15 @@ def _plain_ip(host: str) -> str:
 
 def _address(host_port: tuple[str, int]) -> pb.Address:
     return pb.Address(ip=host_port[0], port=host_port[1])
+
+
+async def _resolve(loop: asyncio.AbstractEventLoop, destination: HostPort) -> tuple[int, tuple[str, int]]:
+    """The socket family and address to dial; only a host name costs a lookup."""
+    if destination.is_ip:
+        return (socket.AF_INET6 if ":" in destination.host else socket.AF_INET), (destination.host, destination.port)
+    infos = await loop.getaddrinfo(destination.host, destination.port, type=socket.SOCK_STREAM)
+    family, _, _, _, address = infos[0]
+    return family, address
 
 
 def _half_close(transport: asyncio.Transport) -> None:
@@ -106,16 +117,23 @@ class ClientSide(_Side):
     def __init__(self, worker: Worker, listener: HostPort) -> None:
         self.worker = worker
         self.listener = listener
+        self.refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         refusal = self.worker.refusal()
         if refusal is not None:
-            self.worker.refuse(refusal)
+            self.refused = True
+            self.worker.refuse(refusal, transport.get_extra_info("peername"))
             _abort_with_rst(cast(asyncio.Transport, transport))
             return
         self.reads = Direction.REQUEST
         self.conn = Connection(self.worker, self.listener, cast(asyncio.Transport, transport))
         self.conn.start()
+
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.refused:
+            super().connection_lost(exc)
 
 
 class UpstreamSide(_Side):
@@ -186,6 +204,8 @@ class Connection:
                 "response_bytes": self.response_bytes, "age_s": round(time.monotonic() - self.started, 3)}
 
     def _log_open(self) -> None:
+        if not log.isEnabledFor(logging.DEBUG):
+            return
         log.debug("connection opened", extra=fields(
             conn=self.id, client=str(HostPort(*self.client_address)), destination=str(self.destination),
             listener=str(self.listener)))
@@ -254,8 +274,9 @@ class Connection:
             _abort_with_rst(self.upstream)
         self.worker.closed(self, outcome)
         self.chain.release()
-        level = logging.INFO if outcome in (Outcome.COMPLETED, Outcome.CLOSED_BY_ELEMENT, Outcome.PEER_RESET,
-                                            Outcome.RESET_BY_ELEMENT, Outcome.IDLE_TIMEOUT) else logging.WARNING
+        level = logging.INFO if outcome in _ROUTINE_OUTCOMES else logging.WARNING
+        if not log.isEnabledFor(level):
+            return
         log.log(level, "connection closed", extra=fields(
             conn=self.id, outcome=outcome.name.lower(), detail=detail or None,
             client=str(HostPort(*self.client_address)), destination=str(self.destination),
@@ -272,12 +293,13 @@ class Connection:
         sock: socket.socket | None = None
         try:
             async with asyncio.timeout(config.connect_timeout_ms / 1000):
-                infos = await loop.getaddrinfo(destination.host, destination.port, type=socket.SOCK_STREAM)
-                family, _, _, _, address = infos[0]
+                if not config.upstream_mark:
+                    await loop.create_connection(lambda: UpstreamSide(self), destination.host, destination.port)
+                    return
+                family, address = await _resolve(loop, destination)
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 sock.setblocking(False)
-                if config.upstream_mark:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, config.upstream_mark)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, config.upstream_mark)
                 await loop.sock_connect(sock, address)
             await loop.create_connection(lambda: UpstreamSide(self), sock=sock)
         except asyncio.CancelledError:
@@ -296,8 +318,9 @@ class Connection:
             transport.abort()
             return
         self.upstream = transport
-        log.debug("upstream connected", extra=fields(conn=self.id, upstream=str(self.destination),
-                                                     local=str(HostPort(*transport.get_extra_info("sockname")[:2]))))
+        if log.isEnabledFor(logging.DEBUG):
+            local = HostPort(*transport.get_extra_info("sockname")[:2])
+            log.debug("upstream connected", extra=fields(conn=self.id, upstream=str(self.destination), local=str(local)))
         if self.paused[Direction.RESPONSE] & ~PAUSE_STARTING:
             transport.pause_reading()
         for data in self.early:

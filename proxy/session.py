@@ -48,6 +48,10 @@ CHANNEL_OPTIONS = [
 ]
 _ACTION_NAMES = {Action.PASS: "pass", Action.DROP: "drop", Action.CLOSE: "close", Action.RESET: "reset"}
 
+# What trips the breaker: failures that cost a wait or show a broken element. A session
+# that is down already fails every event at once, so tripping on it would save nothing.
+_BREAKER_CAUSES = frozenset(("timeout", "invalid_verdict"))
+
 Waiter = tuple[VerdictTarget, int, int, float]  # target, its stage position, sequence, sent at (monotonic)
 
 
@@ -129,9 +133,10 @@ class ElementSession:
     def _apply_policy(self, waiter: Waiter, why: str) -> None:
         """Answers for an element that could not: PASS unchanged when fail-open, FAIL when fail-closed."""
         self.stats.failures[why] += 1
-        self._consecutive_failures += 1
-        if self.config.breaker_failures and self._consecutive_failures >= self.config.breaker_failures:
-            self._open_breaker()
+        if why in _BREAKER_CAUSES:
+            self._consecutive_failures += 1
+            if self.config.breaker_failures and self._consecutive_failures >= self.config.breaker_failures:
+                self._open_breaker()
         target, pos, seq, _ = waiter
         target.on_verdict(pos, seq, Action.PASS if self.config.fail_open else Action.FAIL, None, None)
 

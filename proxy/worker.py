@@ -75,9 +75,9 @@ class Worker:
             return f"max_connections ({limit}) reached"
         return self.chain.refusing()
 
-    def refuse(self, reason: str) -> None:
+    def refuse(self, reason: str, client: tuple[str, int]) -> None:
         self.refused += 1
-        log.debug("connection refused", extra=fields(reason=reason))
+        log.info("connection refused", extra=fields(client=f"{client[0]}:{client[1]}", reason=reason))
 
     async def _sweep(self) -> None:
         """Ends idle and too-old connections; one pass a second is plenty for timeouts of seconds."""
