@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import resource
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from tests.procs import stop_popen
 
 REPO = Path(__file__).resolve().parent.parent
 LISTEN = "0A"  # TCP state code in /proc/net/tcp
@@ -100,15 +101,9 @@ class Proc:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout)
+        code = stop_popen(self.popen, timeout)
         self._log.close()
-        return self.popen.returncode
+        return code
 
 
 class Procs:

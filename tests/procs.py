@@ -77,21 +77,27 @@ class Proc:
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
-        if self.popen.poll() is None:
-            os.kill(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout)
+        code = stop_popen(self.popen, timeout)
         self._log.close()
-        return self.popen.returncode
+        return code
 
     def __enter__(self) -> "Proc":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def stop_popen(popen: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """Stops a child we started, by its PID: SIGTERM, then SIGKILL after `timeout`."""
+    if popen.poll() is None:
+        os.kill(popen.pid, signal.SIGTERM)
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(popen.pid, signal.SIGKILL)
+            popen.wait(timeout)
+    return popen.returncode
 
 
 def port_open(host: str, port: int, netns: str | None = None) -> bool:
