@@ -49,6 +49,8 @@ class _SnapshotCollector:
                                     "Workers whose circuit breaker for the element is open.", labels=labels)
         events = CounterMetricFamily("element_proxy_element_events", "Events sent to the element.",
                                      labels=[*labels, "kind"])
+        batches = CounterMetricFamily("element_proxy_element_batches", "Session messages sent to the element "
+                                      "(events / batches is how well batching works).", labels=labels)
         verdicts = CounterMetricFamily("element_proxy_element_verdicts", "Verdicts received, by event kind and "
                                        "action.", labels=[*labels, "kind", "action"])
         failures = CounterMetricFamily("element_proxy_element_failures", "Events the failure policy answered, by "
@@ -60,6 +62,7 @@ class _SnapshotCollector:
             values = [position, name]
             up.add_metric(values, element["up"])
             breaker.add_metric(values, element["breaker_open"])
+            batches.add_metric(values, element["batches"])
             for kind, count in sorted(element["events"].items()):
                 events.add_metric([*values, kind], count)
             for kind_action, count in sorted(element["verdicts"].items()):
@@ -72,7 +75,7 @@ class _SnapshotCollector:
                 cumulative += count
                 buckets.append((bound, cumulative))
             latency.add_metric(values, buckets, element["latency"]["sum"])
-        yield from (up, breaker, events, verdicts, failures, latency)
+        yield from (up, breaker, events, batches, verdicts, failures, latency)
 
 
 def render(snapshot: dict[str, Any]) -> bytes:

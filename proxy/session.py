@@ -235,6 +235,7 @@ class ElementSession:
                 continue
             batch, self._outbox = _take_batch(self._outbox)
             self._outbox_bytes = sum(len(event.data.data) for event in self._outbox)
+            self.stats.batches += 1
             await call.write(pb.SessionRequest(events=batch))
 
     async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:

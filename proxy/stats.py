@@ -18,10 +18,11 @@ FAILURE_CAUSES = ("timeout", "session_down", "breaker_open", "invalid_verdict", 
 class ElementStats:
     """What one element session saw: events sent, verdicts by kind and action, failures, latency."""
 
-    __slots__ = ("events", "verdicts", "failures", "latency_counts", "latency_sum")
+    __slots__ = ("events", "batches", "verdicts", "failures", "latency_counts", "latency_sum")
 
     def __init__(self) -> None:
         self.events = {"open": 0, "data": 0, "close": 0}
+        self.batches = 0
         self.verdicts: dict[str, int] = {}
         self.failures = dict.fromkeys(FAILURE_CAUSES, 0)
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -34,7 +35,8 @@ class ElementStats:
         self.latency_sum += seconds
 
     def snapshot(self, up: bool, tripped: bool) -> dict[str, Any]:
-        return {"up": int(up), "breaker_open": int(tripped), "events": dict(self.events), "verdicts": dict(self.verdicts),
+        return {"up": int(up), "breaker_open": int(tripped), "events": dict(self.events), "batches": self.batches,
+                "verdicts": dict(self.verdicts),
                 "failures": dict(self.failures),
                 "latency": {"counts": list(self.latency_counts), "sum": self.latency_sum}}
 
