@@ -32,6 +32,10 @@ BATCH_BYTES = 8 * 1024 * 1024
 # Observe-mode events are never waited for, so nothing else bounds them: past this many
 # queued bytes they are dropped (and counted) rather than growing the proxy's memory.
 OBSERVE_BACKLOG_BYTES = 16 * 1024 * 1024
+# Nobody waits for an observe-mode element, so its events may wait a little to share a
+# message: per-message cost, not bytes, is what gRPC charges the proxy.
+OBSERVE_FLUSH_DELAY = 0.002
+OBSERVE_FLUSH_EVENTS = 512
 BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 0.5
 DESCRIBE_TIMEOUT = 2.0
@@ -66,6 +70,7 @@ class ElementSession:
         self.description: pb.Description | None = None
         self.up = False
         self.tripped = False
+        self._observer = False
         self.stats = ElementStats()
         self.unknown_verdicts = 0
         self._max_replacement = max_replacement_bytes
@@ -190,6 +195,7 @@ class ElementSession:
                 stub = pb_grpc.ElementStub(channel)
                 self.description = await stub.Describe(pb.DescribeRequest(), timeout=DESCRIBE_TIMEOUT)
                 self.name = self.config.name or self.description.name or self.config.address
+                self._observer = self.description.mode == pb.MODE_OBSERVE
                 call = stub.Session()
                 self.up = True
                 backoff = BACKOFF_FIRST
@@ -233,6 +239,8 @@ class ElementSession:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if self._observer and len(self._outbox) < OBSERVE_FLUSH_EVENTS:
+                await asyncio.sleep(OBSERVE_FLUSH_DELAY)
             batch, self._outbox = _take_batch(self._outbox)
             self._outbox_bytes = sum(len(event.data.data) for event in self._outbox)
             self.stats.batches += 1
