@@ -244,7 +244,10 @@ class ElementSession:
             batch, self._outbox = _take_batch(self._outbox)
             self._outbox_bytes = sum(len(event.data.data) for event in self._outbox)
             self.stats.batches += 1
-            await call.write(pb.SessionRequest(events=batch))
+            try:
+                await call.write(pb.SessionRequest(events=batch))
+            except asyncio.InvalidStateError:
+                return  # the RPC already ended (the element died mid-write); the session redials
 
     async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         pending = self._pending
