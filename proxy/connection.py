@@ -15,13 +15,13 @@ import asyncio
 import ipaddress
 import logging
 import socket
-import struct
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, cast
 
 from elements.api import element_pb2 as pb
 from proxy.chain import Direction, Flow, Outcome, VerdictTarget
+from proxy.acceptor import LINGER_RESET
 from proxy.config import HostPort
 from proxy.logs import fields
 from proxy.origdst import original_destination
@@ -35,7 +35,6 @@ log = logging.getLogger("proxy.connection")
 PAUSE_FLOW = 1        # the lane holds high_water bytes
 PAUSE_DEST_FULL = 2   # the other side's write buffer is full
 PAUSE_STARTING = 4    # Open phase running, or the upstream is not connected yet
-_LINGER_RESET = struct.pack("ii", 1, 0)
 _ROUTINE_OUTCOMES = frozenset((Outcome.COMPLETED, Outcome.CLOSED_BY_ELEMENT, Outcome.PEER_RESET,
                                Outcome.RESET_BY_ELEMENT, Outcome.IDLE_TIMEOUT))
 
@@ -77,7 +76,7 @@ def _abort_with_rst(transport: asyncio.Transport | None) -> None:
             transport.abort()
         return
     try:
-        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
     except OSError:
         pass  # already closed by the kernel: abort below is all that is left to do
     transport.abort()
@@ -112,28 +111,18 @@ class _Side(asyncio.Protocol):
 
 
 class ClientSide(_Side):
-    """Accepted socket: creating the Connection is all connection_made does."""
+    """Accepted socket (the worker refused it already if it had to): creating the Connection
+    is all connection_made does."""
 
     def __init__(self, worker: Worker, listener: HostPort) -> None:
         self.worker = worker
         self.listener = listener
-        self.refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        refusal = self.worker.refusal()
-        if refusal is not None:
-            self.refused = True
-            self.worker.refuse(refusal, transport.get_extra_info("peername"))
-            _abort_with_rst(cast(asyncio.Transport, transport))
-            return
         self.reads = Direction.REQUEST
         self.conn = Connection(self.worker, self.listener, cast(asyncio.Transport, transport))
         self.conn.start()
-
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.refused:
-            super().connection_lost(exc)
+        asyncio.get_running_loop().call_soon(self.conn.reassert_pauses)
 
 
 class UpstreamSide(_Side):
@@ -144,6 +133,7 @@ class UpstreamSide(_Side):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.conn.upstream_made(cast(asyncio.Transport, transport))
+        asyncio.get_running_loop().call_soon(self.conn.reassert_pauses)
 
 
 def _other(direction: Direction) -> Direction:
@@ -320,7 +310,8 @@ class Connection:
         self.upstream = transport
         if log.isEnabledFor(logging.DEBUG):
             local = HostPort(*transport.get_extra_info("sockname")[:2])
-            log.debug("upstream connected", extra=fields(conn=self.id, upstream=str(self.destination), local=str(local)))
+            log.debug("upstream connected",
+                      extra=fields(conn=self.id, upstream=str(self.destination), local=str(local)))
         if self.paused[Direction.RESPONSE] & ~PAUSE_STARTING:
             transport.pause_reading()
         for data in self.early:
@@ -347,6 +338,14 @@ class Connection:
             if transport is not None and not transport.is_closing():
                 _half_close(transport)
         self.resume(written, PAUSE_DEST_FULL)
+
+    def reassert_pauses(self) -> None:
+        """uvloop starts reading a new transport once connection_made returns, whatever it asked
+        for: pause again each source that has a reason to be paused."""
+        for direction, reasons in self.paused.items():
+            source = self.client if direction == Direction.REQUEST else self.upstream
+            if reasons and source is not None and not source.is_closing():
+                source.pause_reading()
 
     def pause(self, direction: Direction, reason: int) -> None:
         before = self.paused[direction]
