@@ -11,13 +11,15 @@ import dataclasses
 import itertools
 import logging
 import os
+import resource
 import secrets
 import socket
 import time
 from typing import Any
 
+from proxy.acceptor import Acceptor, listening_socket
 from proxy.chain import LaneLimits, Outcome
-from proxy.config import ProxyConfig, describe
+from proxy.config import HostPort, ProxyConfig, describe
 from proxy.connection import ClientSide, Connection
 from proxy.logs import fields
 from proxy.plan import Chain
@@ -25,6 +27,7 @@ from proxy.plan import Chain
 log = logging.getLogger("proxy")
 
 STARTUP_WAIT = 5.0
+DESCRIPTOR_HEADROOM = 8  # for element channels that reconnect, the admin endpoint
 
 
 class ConnectionIds:
@@ -46,34 +49,59 @@ class Worker:
         self.ids = ConnectionIds()
         self.chain = Chain(config.elements, config.max_replacement_bytes)
         self.connections: dict[str, Connection] = {}
-        self.servers: list[asyncio.base_events.Server] = []
+        self.acceptors: list[Acceptor] = []
         self.accepted = {str(address): 0 for address in config.listen}
         self.outcomes: dict[str, int] = {}
         self.closed_bytes = {"request": 0, "response": 0}
         self.refused = 0
+        self.starting = 0  # accepted, transport not made yet: counted against the limits
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
+        self._descriptors_at_start = 0
 
     async def start(self, reuse_port: bool = False) -> None:
         """Starts sessions, waits (bounded) for every element to answer, then listens."""
         await _start_chain(self.chain)
-        loop = asyncio.get_running_loop()
         for address in self.config.listen:
-            server = await loop.create_server(
-                lambda address=address: ClientSide(self, address), address.host, address.port,
-                family=socket.AF_INET6 if ":" in address.host else socket.AF_INET,
-                reuse_address=True, reuse_port=reuse_port, backlog=4096)
-            self.servers.append(server)
+            acceptor = Acceptor(listening_socket(address, reuse_port), self.refusal,
+                                lambda sock, address=address: self._serve(sock, address), self.refuse)
+            acceptor.start()
+            self.acceptors.append(acceptor)
             log.info("listening", extra=fields(address=str(address)))
+        self._descriptors_at_start = len(os.listdir("/proc/self/fd"))
         if self.config.idle_timeout_ms or self.config.max_duration_ms:
             self._sweeper = asyncio.create_task(self._sweep())
+
+    def _serve(self, sock: socket.socket, listener: HostPort) -> None:
+        self.starting += 1
+        asyncio.get_running_loop().create_task(self._start_connection(sock, listener))
+
+    async def _start_connection(self, sock: socket.socket, listener: HostPort) -> None:
+        """Wraps an accepted socket in a transport; connection_made creates the Connection."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: ClientSide(self, listener), sock)
+        except OSError as error:
+            log.info("accepted connection lost before it started", extra=fields(error=str(error)))
+            sock.close()
+        finally:
+            self.starting -= 1
 
     def refusal(self) -> str | None:
         """Why a new connection must be refused at once, or None to accept it."""
         limit = self.config.max_connections
-        if limit and len(self.connections) >= limit:
+        open_now = len(self.connections) + self.starting
+        if limit and open_now >= limit:
             return f"max_connections ({limit}) reached"
+        if open_now >= self._descriptor_room():
+            return "no file descriptors left for its upstream (raise RLIMIT_NOFILE, ulimit -n)"
         return self.chain.refusing()
+
+    def _descriptor_room(self) -> int:
+        """Connections the descriptor limit leaves room for, two descriptors each (as haproxy
+        derives its maxconn): accepting more would only fail their dials. Read per connection,
+        a cheap syscall, so a limit lowered at run time (prlimit) counts at once."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return (soft - self._descriptors_at_start - DESCRIPTOR_HEADROOM) // 2
 
     def refuse(self, reason: str, client: tuple[str, int]) -> None:
         self.refused += 1
@@ -127,7 +155,7 @@ class Worker:
     def unready(self) -> list[str]:
         """Why this worker should not get traffic: listeners down, fail-closed elements unreachable."""
         reasons = ["draining"] if self.draining else []
-        if not self.servers or not all(server.is_serving() for server in self.servers):
+        if not self.acceptors or not all(acceptor.serving for acceptor in self.acceptors):
             reasons.append("not listening")
         reasons += [f"element {s.name} (fail-closed) session down" for s in self.chain.sessions
                     if not s.up and not s.config.fail_open]
@@ -153,8 +181,8 @@ class Worker:
         """Graceful drain: stop accepting, let open connections finish within drain_timeout_ms,
         reset what is left, close the element sessions."""
         self.draining = True
-        for server in self.servers:
-            server.close()
+        for acceptor in self.acceptors:
+            acceptor.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         deadline = time.monotonic() + self.config.drain_timeout_ms / 1000
