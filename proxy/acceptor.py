@@ -94,8 +94,9 @@ class Acceptor:
                 if error.errno not in _OUT_OF_DESCRIPTORS:
                     log.warning("accept failed", extra=fields(listener=_name(self.sock), error=str(error)))
                     return
-                self._shed(error)
-                return
+                if not self._reset_one(error):
+                    return
+                continue
             why = self.refusal()
             if why is not None:
                 reset(conn)
@@ -104,29 +105,33 @@ class Acceptor:
             conn.setblocking(False)
             self.on_accepted(conn)
 
-    def _shed(self, error: OSError) -> None:
-        """Out of descriptors: frees the reserve to accept and reset each waiting client. Without
-        a reserve (another thread took it) accepting pauses for a second instead of spinning."""
-        shed = 0
-        while self._reserve is not None and shed < ACCEPT_BURST:
-            os.close(self._reserve)
-            try:
-                conn, client = self.sock.accept()
-            except OSError:
-                self._reserve = _open_reserve()
-                break
-            reset(conn)
-            self._reserve = _open_reserve()
-            shed += 1
-            self.on_refused(f"out of file descriptors ({error.strerror})", client[:2])
+    def _reset_one(self, error: OSError) -> bool:
+        """Out of descriptors: frees the reserve to accept and reset one waiting client. Without
+        a reserve (another thread took the slot) accepting pauses for a second instead of
+        spinning. Returns whether a client was reset."""
         if self._reserve is None:
+            self._warn(error, f"accepting paused {RETRY_DELAY:g} s")
             self._pause_accepting(RETRY_DELAY)
+            return False
+        os.close(self._reserve)
+        try:
+            conn, client = self.sock.accept()
+        except OSError:
+            self._reserve = _open_reserve()
+            return False
+        reset(conn)
+        self._reserve = _open_reserve()
+        self.on_refused(f"out of file descriptors ({error.strerror})", client[:2])
+        self._warn(error, "waiting connections reset")
+        return True
+
+    def _warn(self, error: OSError, what: str) -> None:
+        """At most one warning a second: a flood of clients must not become a flood of logs."""
         now = time.monotonic()
         if now - self._last_warning >= 1.0:
             self._last_warning = now
-            log.warning("out of file descriptors: waiting connections reset", extra=fields(
-                listener=_name(self.sock), error=error.strerror, reset=shed,
-                paused_s=None if self._reserve is not None else RETRY_DELAY))
+            log.warning("out of file descriptors", extra=fields(
+                listener=_name(self.sock), error=error.strerror, action=what))
 
     def _pause_accepting(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
