@@ -129,6 +129,10 @@ async def write_side(writer: asyncio.StreamWriter, side: Side, seed: int, total:
             await writer.drain()
             if pace:
                 await asyncio.sleep(pace)
+        # drain() only waits for the buffer to fall below its high-water mark: flush it all,
+        # or bytes still buffered here are lost when the caller's event loop ends
+        writer.transport.set_write_buffer_limits(0, 0)
+        await writer.drain()
         if eof:
             writer.write_eof()
         side.write_end = "done"
