@@ -41,10 +41,17 @@ _ROUTINE_OUTCOMES = frozenset((Outcome.COMPLETED, Outcome.CLOSED_BY_ELEMENT, Out
 
 def _plain_ip(host: str) -> str:
     """'::ffff:10.0.0.1' -> '10.0.0.1', so IPv4 clients of a dual-stack socket compare equal."""
+    if ":" not in host:
+        return host  # the kernel's dotted quad is canonical already: no parse per connection
     address = ipaddress.ip_address(host.split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return str(address.ipv4_mapped)
     return str(address)
+
+
+def _own_address(transport: asyncio.Transport) -> tuple[str, int]:
+    local = transport.get_extra_info("sockname")
+    return _plain_ip(local[0]), local[1]
 
 
 def _address(host_port: tuple[str, int]) -> pb.Address:
@@ -61,7 +68,8 @@ async def _resolve(loop: asyncio.AbstractEventLoop, destination: HostPort) -> tu
 
 
 def _half_close(transport: asyncio.Transport) -> None:
-    sock = socket.socket(fileno=transport.get_extra_info("socket").fileno())
+    # shutdown() ignores the family: naming one spares socket() three getsockopt probes
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, transport.get_extra_info("socket").fileno())
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
@@ -122,7 +130,7 @@ class ClientSide(_Side):
         self.reads = Direction.REQUEST
         self.conn = Connection(self.worker, self.listener, cast(asyncio.Transport, transport))
         self.conn.start()
-        asyncio.get_running_loop().call_soon(self.conn.reassert_pauses)
+        self.conn.loop.call_soon(self.conn.reassert_pauses)
 
 
 class UpstreamSide(_Side):
@@ -133,7 +141,7 @@ class UpstreamSide(_Side):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.conn.upstream_made(cast(asyncio.Transport, transport))
-        asyncio.get_running_loop().call_soon(self.conn.reassert_pauses)
+        self.conn.loop.call_soon(self.conn.reassert_pauses)
 
 
 def _other(direction: Direction) -> Direction:
@@ -145,6 +153,7 @@ class Connection:
 
     def __init__(self, worker: Worker, listener: HostPort, client: asyncio.Transport) -> None:
         self.worker = worker
+        self.loop = worker.loop
         self.id = worker.ids.next()
         self.listener = listener
         self.client: asyncio.Transport | None = client
@@ -169,13 +178,11 @@ class Connection:
         client = self.client
         assert client is not None
         self.pause(Direction.REQUEST, PAUSE_STARTING)
-        sock = client.get_extra_info("socket")
         peer = client.get_extra_info("peername")
-        local = client.get_extra_info("sockname")
         self.client_address = (_plain_ip(peer[0]), peer[1])
         self.worker.opened(self)
-        original = original_destination(sock)
-        if original is not None and (_plain_ip(original[0]), original[1]) != (_plain_ip(local[0]), local[1]):
+        original = original_destination(client.get_extra_info("socket"))
+        if original is not None and (_plain_ip(original[0]), original[1]) != _own_address(client):
             self.destination = HostPort(original[0], original[1])
         elif self.worker.config.target is not None:
             self.destination = self.worker.config.target
@@ -279,7 +286,7 @@ class Connection:
         destination = self.destination
         assert destination is not None
         config = self.worker.config
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         sock: socket.socket | None = None
         try:
             async with asyncio.timeout(config.connect_timeout_ms / 1000):

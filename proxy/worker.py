@@ -44,6 +44,8 @@ class ConnectionIds:
 
 class Worker:
     def __init__(self, config: ProxyConfig) -> None:
+        """Built inside the running loop, which every connection then uses without asking."""
+        self.loop = asyncio.get_running_loop()
         self.config = config
         self.limits = LaneLimits(config.chunk_size, config.window, config.high_water)
         self.ids = ConnectionIds()
@@ -74,12 +76,12 @@ class Worker:
 
     def _serve(self, sock: socket.socket, listener: HostPort) -> None:
         self.starting += 1
-        asyncio.get_running_loop().create_task(self._start_connection(sock, listener))
+        self.loop.create_task(self._start_connection(sock, listener))
 
     async def _start_connection(self, sock: socket.socket, listener: HostPort) -> None:
         """Wraps an accepted socket in a transport; connection_made creates the Connection."""
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: ClientSide(self, listener), sock)
+            await self.loop.connect_accepted_socket(lambda: ClientSide(self, listener), sock)
         except OSError as error:
             log.info("accepted connection lost before it started", extra=fields(error=str(error)))
             sock.close()
