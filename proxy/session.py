@@ -28,10 +28,10 @@ from proxy.stats import ElementStats
 log = logging.getLogger("proxy.session")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-BATCH_BYTES = 8 * 1024 * 1024
+BATCH_BYTES = 1024 * 1024
 # Observe-mode events are never waited for, so nothing else bounds them: past this many
 # queued bytes they are dropped (and counted) rather than growing the proxy's memory.
-OBSERVE_BACKLOG_BYTES = 16 * 1024 * 1024
+OBSERVE_BACKLOG_BYTES = 4 * 1024 * 1024
 # Nobody waits for an observe-mode element, so its events may wait a little to share a
 # message: per-message cost, not bytes, is what gRPC charges the proxy.
 OBSERVE_FLUSH_DELAY = 0.002

@@ -1208,6 +1208,30 @@ def test_accept_failing_for_want_of_descriptors_resets_each_waiting_client(h: Ha
     assert p.proc.alive()
 
 
+def test_a_stalling_observe_element_costs_dropped_events_never_bytes_or_memory(h: Harness) -> None:
+    """An observe-mode tap that sleeps 1 s after every message it reads: gRPC flow control stops
+    the proxy's writes to it, so its queue fills. 64 MiB each way still arrive byte-exact and
+    unhurried, the events beyond the cap are dropped and counted, and the proxy's memory stays
+    within the cap (4 MiB of queued events) plus what gRPC buffers."""
+    size = 64 * MiB
+    upstream = h.upstream()
+    _, tap = h.element(FAULTY, "--observe-stall", "1")
+    p = h.proxy([tap], "--element-failure", "open", "--target", f"127.0.0.1:{upstream.port}")
+    idle = p.rss()
+    side = Side()
+    start = time.monotonic()
+    run_async(client(p.port, 1, EXCHANGE, size, size, side=side, upstream=upstream), 60)
+    took = time.monotonic() - start
+    growth = p.rss() - idle
+    dropped = p.element("failures_total", cause="backlog_full")
+    print(f"64 MiB each way past a stalling tap: {took:.1f}s, proxy RSS +{growth / MiB:.1f} MiB, "
+          f"{dropped:.0f} events dropped")
+    assert judge_pair(EXCHANGE, side, upstream.record(1)) is None
+    assert dropped > 0, "the tap's queue never filled: the test did not stall it"
+    assert growth < 32 * MiB, f"the proxy grew {growth / MiB:.0f} MiB queueing for a stalled tap"
+    assert p.outcomes() == {"completed": 1}
+
+
 # --- 7. limits and the circuit breaker -------------------------------------------------------------
 
 def test_max_connections_refuses_the_sixth_at_once_with_rst_and_counts_it(h: Harness) -> None:

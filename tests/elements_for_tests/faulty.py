@@ -1,6 +1,11 @@
 """faulty: an element written against the raw gRPC servicer, so it can misbehave in ways the SDK never would.
 
     python -m tests.elements_for_tests.faulty --port P [--tag T] [--delay S] [--control FILE] [--open-delay S]
+    python -m tests.elements_for_tests.faulty --port P --observe-stall S
+
+With --observe-stall it is instead an observe-mode tap that sleeps S seconds after every
+message it reads, so gRPC flow control stops the proxy's writes and the proxy's queue for
+it fills up (nothing else about it applies then).
 
 Inline, request direction only; Open events only with --open-delay (each answered PASS after
 that many seconds). A chunk is answered PASS with `<T>`
@@ -40,9 +45,11 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class Knobs:
-    def __init__(self, tag: bytes, delay: float, control: Path | None, open_delay: float = -1.0) -> None:
+    def __init__(self, tag: bytes, delay: float, control: Path | None, open_delay: float = -1.0,
+                 observe_stall: float = 0.0) -> None:
         self.tag = tag
         self.open_delay = open_delay
+        self.observe_stall = observe_stall
         self._delay = delay
         self.control = control
 
@@ -78,10 +85,17 @@ class Faulty(pb_grpc.ElementServicer):
         self.knobs = knobs
 
     async def Describe(self, request, context):
+        if self.knobs.observe_stall:
+            return pb.Description(name="stalling-tap", directions=[pb.DIRECTION_REQUEST, pb.DIRECTION_RESPONSE],
+                                  mode=pb.MODE_OBSERVE)
         return pb.Description(name="faulty", directions=[pb.DIRECTION_REQUEST], mode=pb.MODE_INLINE,
                               wants_open=self.knobs.open_delay >= 0)
 
     async def Session(self, request_iterator, context):
+        if self.knobs.observe_stall:
+            async for _ in request_iterator:
+                await asyncio.sleep(self.knobs.observe_stall)
+            return
         outbox: asyncio.Queue[pb.SessionResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
@@ -178,9 +192,12 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to sleep before answering a chunk")
     parser.add_argument("--control", type=Path, help="file holding the delay; overrides --delay while it exists")
     parser.add_argument("--open-delay", type=float, default=-1.0, help="want Open events, answer them after S s")
+    parser.add_argument("--observe-stall", type=float, default=0.0, help="be an observe-mode tap that sleeps S s "
+                                                                          "after every message")
     args = parser.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.port, Knobs(f"<{args.tag}>".encode(), args.delay, args.control, args.open_delay)))
+    asyncio.run(serve(args.port, Knobs(f"<{args.tag}>".encode(), args.delay, args.control, args.open_delay,
+                                       args.observe_stall)))
 
 
 if __name__ == "__main__":
