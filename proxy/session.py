@@ -104,7 +104,6 @@ class ElementSession:
         if target is None and self._outbox_bytes > OBSERVE_BACKLOG_BYTES:
             self.stats.failures["backlog_full"] += 1
             return
-        self._outbox_bytes += len(data)
         event = pb.Event(data=pb.DataEvent(connection_id=connection_id, sequence=seq, direction=direction,
                                            data=data, end_of_stream=end_of_stream, metadata=metadata))
         self._send(event, "data", connection_id, seq, target, pos)
@@ -132,6 +131,7 @@ class ElementSession:
 
     def _queue(self, event: pb.Event) -> None:
         self._outbox.append(event)
+        self._outbox_bytes += _size(event)
         if len(self._outbox) == 1:
             self._wakeup.set()
 
@@ -241,13 +241,31 @@ class ElementSession:
                 continue
             if self._observer and len(self._outbox) < OBSERVE_FLUSH_EVENTS:
                 await asyncio.sleep(OBSERVE_FLUSH_DELAY)
-            batch, self._outbox = _take_batch(self._outbox)
-            self._outbox_bytes = sum(len(event.data.data) for event in self._outbox)
+            batch = self._take_batch()
             self.stats.batches += 1
             try:
                 await call.write(pb.SessionRequest(events=batch))
             except asyncio.InvalidStateError:
                 return  # the RPC already ended (the element died mid-write); the session redials
+
+    def _take_batch(self) -> list[pb.Event]:
+        """Takes events from the front of the outbox up to BATCH_BYTES, so no message nears the
+        gRPC size limit; only the events taken are looked at, however long the outbox is."""
+        outbox = self._outbox
+        size = count = 0
+        for event in outbox:
+            weight = _size(event)
+            if count and size + weight > BATCH_BYTES:
+                break
+            size += weight
+            count += 1
+        self._outbox_bytes -= size
+        if count == len(outbox):
+            self._outbox = []
+            return outbox
+        batch = outbox[:count]
+        del outbox[:count]
+        return batch
 
     async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         pending = self._pending
@@ -296,11 +314,6 @@ class ElementSession:
                     self._apply_policy(waiter, "timeout")
 
 
-def _take_batch(outbox: list[pb.Event]) -> tuple[list[pb.Event], list[pb.Event]]:
-    """Splits off a batch under BATCH_BYTES so no message nears the gRPC size limit."""
-    size = 0
-    for count, event in enumerate(outbox):
-        size += len(event.data.data) if event.HasField("data") else 64
-        if size > BATCH_BYTES and count:
-            return outbox[:count], outbox[count:]
-    return outbox, []
+def _size(event: pb.Event) -> int:
+    """What an event weighs in a message: its bytes, or a small fixed cost without any."""
+    return len(event.data.data) if event.HasField("data") else 64

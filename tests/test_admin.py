@@ -8,12 +8,12 @@ import os
 import signal
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tests import traffic
+from tests.checks import metric, wait_for
 from tests.procs import free_port, start_element
 from tests.stack import PASSTHROUGH, elements, proxy, tagger
 
@@ -27,27 +27,6 @@ def get(port: int, path: str) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of the sample `name` whose labels are exactly `labels`."""
-    for line in text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        sample_name, _, label_text = sample.partition("{")
-        found = dict(pair.split("=", 1) for pair in label_text.rstrip("}").split(",") if pair)
-        if sample_name == name and {k: v.strip('"') for k, v in found.items()} == labels:
-            return float(value)
-    raise AssertionError(f"{name}{labels} not in /metrics:\n{text}")
-
-
-def wait_for(condition, timeout: float) -> float:
-    """Polls until condition() is true; returns how long it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"not true after {timeout}s")
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def echo_round_trip(port: int, payload: bytes) -> None:

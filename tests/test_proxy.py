@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests import traffic
+from tests.checks import wait_for
 from tests.stack import PASSTHROUGH, chain_proxy, tagger
 
 MiB = 1 << 20
@@ -31,14 +32,6 @@ def recv_until(sock: socket.socket, expected: bytes, timeout: float = 10.0) -> b
             break
         got += data
     return got
-
-
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.01)
 
 
 class Recorder:
@@ -133,11 +126,11 @@ def test_close_delivers_approved_bytes_then_eof_both_ways(recorder: Recorder) ->
     with chain_proxy([firewall], "--target", f"127.0.0.1:{recorder.port}") as (proc, port):
         with socket.create_connection(("127.0.0.1", port)) as client:
             client.sendall(b"approved ")
-            wait_until(lambda: recorder.received and bytes(recorder.received[0]) == b"approved ")
+            wait_for(lambda: recorder.received and bytes(recorder.received[0]) == b"approved ")
             client.sendall(b"CLOSEME and more")
             client.settimeout(10)
             assert client.recv(100) == b""
-            wait_until(lambda: recorder.endings == ["eof"])
+            wait_for(lambda: recorder.endings == ["eof"])
             assert bytes(recorder.received[0]) == b"approved "
         proc.wait_for_output("outcome=closed_by_element")
 
@@ -147,12 +140,12 @@ def test_reset_reaches_both_peers_as_econnreset(recorder: Recorder) -> None:
     with chain_proxy([firewall], "--target", f"127.0.0.1:{recorder.port}") as (proc, port):
         with socket.create_connection(("127.0.0.1", port)) as client:
             client.sendall(b"fine ")
-            wait_until(lambda: recorder.received and bytes(recorder.received[0]) == b"fine ")
+            wait_for(lambda: recorder.received and bytes(recorder.received[0]) == b"fine ")
             client.sendall(b"RESETME")
             client.settimeout(10)
             with pytest.raises(ConnectionResetError):
                 client.recv(100)
-            wait_until(lambda: recorder.endings == ["reset"])
+            wait_for(lambda: recorder.endings == ["reset"])
         proc.wait_for_output("outcome=reset_by_element")
 
 
@@ -196,12 +189,12 @@ def test_firewall_catches_a_pattern_written_in_two_halves(recorder: Recorder) ->
         with socket.create_connection(("127.0.0.1", port)) as client:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.sendall(b"please DROP TA")
-            wait_until(lambda: recorder.received and recorder.received[0].endswith(b"DROP TA"))
+            wait_for(lambda: recorder.received and recorder.received[0].endswith(b"DROP TA"))
             client.sendall(b"BLE users;")
             client.settimeout(10)
             with pytest.raises(ConnectionResetError):
                 client.recv(100)
-            wait_until(lambda: recorder.endings == ["reset"])
+            wait_for(lambda: recorder.endings == ["reset"])
             assert b"BLE" not in recorder.received[0]
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.checks import metric, wait_for
 from tests.procs import Proc, free_port, start_element
 from tests.stack import proxy
 
@@ -349,31 +350,6 @@ def run_async(coro: Any, timeout: float) -> Any:
 
 
 # --- processes, metrics, logs ----------------------------------------------------------------------
-
-def metric(text: str, name: str, default: float | None = None, **labels: str) -> float:
-    """The value of the sample `name` whose labels are exactly `labels` (tests/test_admin.py)."""
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        sample, _, value = line.rpartition(" ")
-        sample_name, _, label_text = sample.partition("{")
-        found = dict(pair.split("=", 1) for pair in label_text.rstrip("}").split(",") if pair)
-        if sample_name == name and {k: v.strip('"') for k, v in found.items()} == labels:
-            return float(value)
-    if default is not None:
-        return default
-    raise AssertionError(f"{name}{labels} not in /metrics:\n{text}")
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str = "condition") -> float:
-    """Polls until condition() is true; returns how long it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"{what}: not true after {timeout}s")
-        time.sleep(0.01)
-    return time.monotonic() - start
-
 
 class Proxy:
     def __init__(self, proc: Proc, port: int, admin: int) -> None:
