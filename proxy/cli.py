@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import gc
 import logging
 import os
@@ -23,12 +24,14 @@ from proxy import admin, logs, supervisor
 from proxy.worker import Worker
 
 log = logging.getLogger("proxy")
+_M_ARENA_MAX = -8  # mallopt parameter, from glibc malloc.h
 
 ENVIRONMENT_HELP = """environment:
   TARGET_ADDR   HOST:PORT to dial when a connection was not redirected (no original destination)
   ELEMENTS      comma-separated element addresses, in chain order (when no --element is given)
   LOG_LEVEL     debug (default) | info | warning | error
   LOG_FORMAT    console (default) | json
+  MALLOC_ARENA_MAX  glibc malloc arenas; unset, the proxy uses 2 (less memory, same speed)
 
 subcommands:
   element-proxy demo       run the proxy with example elements in front of a local target, no root needed
@@ -125,9 +128,24 @@ def _raise_file_limit() -> None:
         log.debug("open file limit raised", extra=logs.fields(soft=soft, now=hard))
 
 
+def _limit_malloc_arenas() -> None:
+    """glibc gives threads that allocate arenas of their own (up to 8 per CPU), and gRPC's
+    threads keep theirs mostly empty; two arenas serve the event loop and gRPC alike, for
+    about 5 MB less RSS in bulk with elements (bench: pass1 59.2 -> 55.2 MB). Must run
+    before gRPC starts its threads; MALLOC_ARENA_MAX in the environment still decides."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return  # not glibc: nothing to tune
+    mallopt(_M_ARENA_MAX, 2)
+
+
 def run(config: cfg.ProxyConfig, argv: Sequence[str]) -> int:
     """Runs one worker on the configured event loop until SIGTERM/SIGINT."""
     _raise_file_limit()
+    _limit_malloc_arenas()
     if config.event_loop == "uvloop":
         import uvloop
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
