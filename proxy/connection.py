@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, cast
 
 from elements.api import element_pb2 as pb
-from proxy.chain import Direction, Flow, Outcome, VerdictTarget
 from proxy.acceptor import LINGER_RESET
+from proxy.chain import Direction, Flow, Outcome, VerdictTarget
 from proxy.config import HostPort
 from proxy.logs import fields
 from proxy.origdst import original_destination
