@@ -19,6 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+# A chunk's bytes: a read, or a memoryview slice of one (cutting a big read copies nothing).
+Payload = bytes | memoryview
+
 
 class Direction(enum.IntEnum):
     """Values equal the proto's DIRECTION_* so they go on the wire unchanged."""
@@ -101,12 +104,12 @@ class FlowOutput(Protocol):
 
     def send_open(self, element: int, metadata: Mapping[str, str], target: VerdictTarget | None, pos: int) -> None: ...
 
-    def send_data(self, element: int, seq: int, direction: Direction, data: bytes, end_of_stream: bool,
+    def send_data(self, element: int, seq: int, direction: Direction, data: Payload, end_of_stream: bool,
                   metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None: ...
 
     def send_close(self, element: int, outcome: Outcome) -> None: ...
 
-    def write(self, direction: Direction, data: bytes) -> None: ...
+    def write(self, direction: Direction, data: Payload) -> None: ...
 
     def write_eof(self, direction: Direction) -> None: ...
 
@@ -120,7 +123,7 @@ class FlowOutput(Protocol):
 class _Chunk:
     __slots__ = ("seq", "data", "eos", "size", "metadata", "verdict")
 
-    def __init__(self, seq: int, data: bytes, eos: bool) -> None:
+    def __init__(self, seq: int, data: Payload, eos: bool) -> None:
         self.seq = seq
         self.data = data
         self.eos = eos
@@ -130,6 +133,58 @@ class _Chunk:
 
 
 _PASS_UNCHANGED = (Action.PASS, None, None)
+
+
+class Pending:
+    """Bytes read but not yet dispatched, kept as the reads themselves.
+
+    A read larger than chunk_size is cut into memoryview slices, not copied; only reads
+    smaller than a chunk are joined (coalescing). Under bulk this was three copies of
+    every byte when the queue was one bytearray.
+    """
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self) -> None:
+        self.pieces: deque[Payload] = deque()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.pieces)
+
+    def append(self, data: bytes) -> None:
+        self.pieces.append(data)
+        self.size += len(data)
+
+    def clear(self) -> None:
+        self.pieces.clear()
+        self.size = 0
+
+    def take(self, limit: int) -> Payload:
+        """Up to `limit` bytes from the front."""
+        pieces = self.pieces
+        first = pieces.popleft()
+        if len(first) >= limit or not pieces:
+            if len(first) > limit:
+                view = memoryview(first)
+                pieces.appendleft(view[limit:])
+                first = view[:limit]
+            self.size -= len(first)
+            return first
+        taken, room = [first], limit - len(first)
+        while pieces and room:
+            piece = pieces.popleft()
+            if len(piece) > room:
+                view = memoryview(piece)
+                pieces.appendleft(view[room:])
+                piece = view[:room]
+            taken.append(piece)
+            room -= len(piece)
+        self.size -= limit - room
+        return b"".join(taken)
 
 
 class Lane:
@@ -148,7 +203,7 @@ class Lane:
         self.out = out
         self.fifos: list[deque[_Chunk]] = [deque() for _ in stages]
         self.seen = [0] * len(stages)
-        self.pending = bytearray()
+        self.pending = Pending()
         self.pending_eof = False
         self.in_flight = 0
         self.in_flight_bytes = 0
@@ -175,7 +230,7 @@ class Lane:
         if not self.pending and self.in_flight < self.limits.window and len(data) <= self.limits.chunk_size:
             self._dispatch(data, False)
         else:
-            self.pending += data
+            self.pending.append(data)
         self._pump()
 
     def feed_eof(self) -> None:
@@ -253,7 +308,7 @@ class Lane:
     def _name(self, pos: int) -> str:
         return self.flow.plan.name(self.stages[pos].element)
 
-    def _dispatch(self, data: bytes, eos: bool) -> None:
+    def _dispatch(self, data: Payload, eos: bool) -> None:
         chunk = _Chunk(self.flow.next_seq(), data, eos)
         self.in_flight += 1
         self.in_flight_bytes += chunk.size
@@ -315,8 +370,7 @@ class Lane:
         self.pumping = True
         try:
             while self.pending and self.in_flight < limits.window and not self.flow.ended:
-                piece = bytes(self.pending[:limits.chunk_size])
-                del self.pending[:limits.chunk_size]
+                piece = self.pending.take(limits.chunk_size)
                 self._dispatch(piece, self.pending_eof and not self.pending)
             if (self.pending_eof and not self.pending and not self.eof_dispatched
                     and self.in_flight < limits.window and not self.flow.ended):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, cast
 
 from elements.api import element_pb2 as pb
 from proxy.acceptor import LINGER_RESET
-from proxy.chain import Direction, Flow, Outcome, VerdictTarget
+from proxy.chain import Direction, Flow, Outcome, Payload, VerdictTarget
 from proxy.config import HostPort
 from proxy.logs import fields
 from proxy.origdst import original_destination
@@ -164,7 +164,7 @@ class Connection:
         self.flow = Flow(self.chain.plan, worker.limits, self)
         self.paused = {Direction.REQUEST: 0, Direction.RESPONSE: PAUSE_STARTING}
         self.eof_after_drain: set[Direction] = set()
-        self.early: list[bytes] = []
+        self.early: list[Payload] = []
         self.early_bytes = 0
         self.early_eof = False
         self.request_bytes = 0
@@ -218,14 +218,14 @@ class Connection:
                              metadata=metadata)
         self.sessions[element].send_open(event, target, pos)
 
-    def send_data(self, element: int, seq: int, direction: Direction, data: bytes, end_of_stream: bool,
+    def send_data(self, element: int, seq: int, direction: Direction, data: Payload, end_of_stream: bool,
                   metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None:
         self.sessions[element].send_data(self.id, seq, direction, data, end_of_stream, metadata, target, pos)
 
     def send_close(self, element: int, outcome: Outcome) -> None:
         self.sessions[element].send_close(self.id, outcome, self.request_bytes, self.response_bytes)
 
-    def write(self, direction: Direction, data: bytes) -> None:
+    def write(self, direction: Direction, data: Payload) -> None:
         if direction == Direction.REQUEST:
             self.request_bytes += len(data)
             if self.upstream is None:

@@ -2,7 +2,8 @@
 
 Per-message cost dominates gRPC in Python, so events queue in an outbox and one
 writer task sends everything queued as one SessionRequest while the previous write
-is in flight: the busier the proxy, the bigger the batches. Verdicts come back keyed
+is in flight: the busier the proxy, the bigger the batches. Events are encoded by
+wire.py, which copies a chunk's bytes once, when its batch is sent. Verdicts come back keyed
 by (connection id, sequence) and go to whoever waits for them. When the stream is
 down, late or answers nonsense, the element's failure policy answers instead:
 fail-open passes the chunk unchanged, fail-closed resets the connection.
@@ -21,9 +22,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from elements.api import element_pb2 as pb
 from elements.api import element_pb2_grpc as pb_grpc
-from proxy.chain import Action, Direction, Outcome, VerdictTarget
+from proxy.chain import Action, Direction, Outcome, Payload, VerdictTarget
 from proxy.config import ElementConfig
 from proxy.stats import ElementStats
+from proxy.wire import (
+    EncodedEvent,
+    data_event,
+    encoded_size,
+    message_event,
+    open_session,
+    session_request,
+)
 
 log = logging.getLogger("proxy.session")
 
@@ -77,7 +86,7 @@ class ElementSession:
         self._consecutive_failures = 0
         self._probe: asyncio.Task[None] | None = None
         self._on_describe = on_describe
-        self._outbox: list[pb.Event] = []
+        self._outbox: list[EncodedEvent] = []
         self._outbox_bytes = 0
         self._wakeup = asyncio.Event()
         self._pending: dict[tuple[str, int], Waiter] = {}
@@ -97,24 +106,24 @@ class ElementSession:
         self._fail_all("proxy_stopping")
 
     def send_open(self, event: pb.OpenEvent, target: VerdictTarget | None, pos: int) -> None:
-        self._send(pb.Event(open=event), "open", event.connection_id, 0, target, pos)
+        self._send(message_event(pb.Event(open=event)), "open", event.connection_id, 0, target, pos)
 
-    def send_data(self, connection_id: str, seq: int, direction: Direction, data: bytes, end_of_stream: bool,
+    def send_data(self, connection_id: str, seq: int, direction: Direction, data: Payload, end_of_stream: bool,
                   metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None:
         if target is None and self._outbox_bytes > OBSERVE_BACKLOG_BYTES:
             self.stats.failures["backlog_full"] += 1
             return
-        event = pb.Event(data=pb.DataEvent(connection_id=connection_id, sequence=seq, direction=direction,
-                                           data=data, end_of_stream=end_of_stream, metadata=metadata))
-        self._send(event, "data", connection_id, seq, target, pos)
+        self._send(data_event(connection_id, seq, direction, data, end_of_stream, metadata), "data",
+                   connection_id, seq, target, pos)
 
     def send_close(self, connection_id: str, outcome: Outcome, request_bytes: int, response_bytes: int) -> None:
         if self.up:
             self.stats.events["close"] += 1
-            self._queue(pb.Event(close=pb.CloseEvent(connection_id=connection_id, reason=outcome,
-                                                     request_bytes=request_bytes, response_bytes=response_bytes)))
+            self._queue(message_event(pb.Event(close=pb.CloseEvent(
+                connection_id=connection_id, reason=outcome, request_bytes=request_bytes,
+                response_bytes=response_bytes))))
 
-    def _send(self, event: pb.Event, kind: str, connection_id: str, seq: int, target: VerdictTarget | None,
+    def _send(self, event: EncodedEvent, kind: str, connection_id: str, seq: int, target: VerdictTarget | None,
               pos: int) -> None:
         if not self.up or self.tripped:
             if target is not None:
@@ -129,9 +138,9 @@ class ElementSession:
             self._deadlines.append((now + self._timeout, key))
         self._queue(event)
 
-    def _queue(self, event: pb.Event) -> None:
+    def _queue(self, event: EncodedEvent) -> None:
         self._outbox.append(event)
-        self._outbox_bytes += _size(event)
+        self._outbox_bytes += encoded_size(event)
         if len(self._outbox) == 1:
             self._wakeup.set()
 
@@ -196,7 +205,7 @@ class ElementSession:
                 self.description = await stub.Describe(pb.DescribeRequest(), timeout=DESCRIBE_TIMEOUT)
                 self.name = self.config.name or self.description.name or self.config.address
                 self._observer = self.description.mode == pb.MODE_OBSERVE
-                call = stub.Session()
+                call = open_session(channel)
                 self.up = True
                 backoff = BACKOFF_FIRST
                 log.info("element %s session up at %s", self.name, self.config.address)
@@ -208,6 +217,9 @@ class ElementSession:
                 log.log(logging.WARNING if backoff == BACKOFF_FIRST else logging.DEBUG,
                         "element %s at %s unavailable, retrying: %s %s", self.name, self.config.address,
                         error.code().name, error.details())
+            except Exception:
+                # a bug of ours must not leave the element unused until restart: log it, redial
+                log.exception("element %s session failed; redialing", self.name)
             finally:
                 was_up, self.up = self.up, False
                 self._outbox.clear()
@@ -244,17 +256,17 @@ class ElementSession:
             batch = self._take_batch()
             self.stats.batches += 1
             try:
-                await call.write(pb.SessionRequest(events=batch))
+                await call.write(session_request(batch))
             except asyncio.InvalidStateError:
                 return  # the RPC already ended (the element died mid-write); the session redials
 
-    def _take_batch(self) -> list[pb.Event]:
+    def _take_batch(self) -> list[EncodedEvent]:
         """Takes events from the front of the outbox up to BATCH_BYTES, so no message nears the
         gRPC size limit; only the events taken are looked at, however long the outbox is."""
         outbox = self._outbox
         size = count = 0
         for event in outbox:
-            weight = _size(event)
+            weight = encoded_size(event)
             if count and size + weight > BATCH_BYTES:
                 break
             size += weight
@@ -312,8 +324,3 @@ class ElementSession:
                                 "failure policy %s applied", self.name, key[0], key[1],
                                 self.config.timeout_ms, self.config.failure)
                     self._apply_policy(waiter, "timeout")
-
-
-def _size(event: pb.Event) -> int:
-    """What an event weighs in a message: its bytes, or a small fixed cost without any."""
-    return len(event.data.data) if event.HasField("data") else 64

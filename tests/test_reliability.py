@@ -654,15 +654,16 @@ def test_a_session_whose_write_fails_first_reconnects(monkeypatch: pytest.Monkey
         async def Describe(self, request: Any, timeout: float) -> Any:
             return pb.Description(name="dies")
 
-        def Session(self) -> _FinishedCall:
-            opened.append(_FinishedCall())
-            return opened[-1]
+    def open_session(channel: Any) -> _FinishedCall:
+        opened.append(_FinishedCall())
+        return opened[-1]
 
     class Target:
         def on_verdict(self, pos: int, seq: int, action: int, data: Any, metadata: Any) -> None:
             verdicts.append((seq, action))
 
     monkeypatch.setattr(session_module.pb_grpc, "ElementStub", Stub)
+    monkeypatch.setattr(session_module, "open_session", open_session)
 
     async def main() -> tuple[int, BaseException | None]:
         session = session_module.ElementSession(
@@ -681,6 +682,50 @@ def test_a_session_whose_write_fails_first_reconnects(monkeypatch: pytest.Monkey
     assert verdicts == [(1, 1)], "the pending event gets the fail-open policy (PASS)"
     assert died is None, f"the session task died of {died!r}"
     assert sessions >= 2, "the session was never reopened"
+
+
+def test_a_session_hit_by_an_unexpected_error_logs_it_and_redials(
+        h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug of ours inside the session (here: encoding a batch raises once) must not leave the
+    element unused until the proxy restarts: the pending event gets the failure policy, the
+    traceback is logged, and the next event reaches the real element."""
+    from proxy import session as session_module
+    from proxy.chain import Action, Direction
+    from proxy.config import ElementConfig
+
+    _, address = h.element(PASSTHROUGH)
+    verdicts: list[tuple[int, int]] = []
+    real_session_request = session_module.session_request
+    calls = 0
+
+    def session_request_failing_once(events: Any) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected encoding bug")
+        return real_session_request(events)
+
+    class Target:
+        def on_verdict(self, pos: int, seq: int, action: int, data: Any, metadata: Any) -> None:
+            verdicts.append((seq, action))
+
+    monkeypatch.setattr(session_module, "session_request", session_request_failing_once)
+
+    async def main() -> None:
+        session = session_module.ElementSession(0, ElementConfig(address=address, failure="closed"),
+                                                lambda: None, 1 << 20)
+        session.start()
+        await wait_async(lambda: session.up, 5, "session up")
+        session.send_data("c1", 1, Direction.REQUEST, b"x", False, None, Target(), 0)
+        await wait_async(lambda: verdicts, 5, "the failure policy for the first event")
+        await wait_async(lambda: session.up, 5, "session up again")
+        session.send_data("c1", 2, Direction.REQUEST, b"y", False, None, Target(), 0)
+        await wait_async(lambda: len(verdicts) == 2, 5, "the element's verdict on the second event")
+        await session.stop()
+
+    run_async(main(), 20)
+    assert verdicts == [(1, Action.FAIL), (2, Action.PASS)]
+    assert "injected encoding bug" in caplog.text, "the traceback must be logged"
 
 
 # --- 2. a slow element -----------------------------------------------------------------------------
