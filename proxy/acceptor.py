@@ -60,7 +60,7 @@ class Acceptor:
     `on_accepted`: a refused client is reset at once and reported to `on_refused`."""
 
     def __init__(self, sock: socket.socket, refusal: Callable[[], str | None],
-                 on_accepted: Callable[[socket.socket], None],
+                 on_accepted: Callable[[socket.socket, tuple[str, int]], None],
                  on_refused: Callable[[str, tuple[str, int]], None]) -> None:
         self.sock = sock
         self.refusal = refusal
@@ -103,7 +103,7 @@ class Acceptor:
                 self.on_refused(why, client[:2])
                 continue
             conn.setblocking(False)
-            self.on_accepted(conn)
+            self.on_accepted(conn, client)
 
     def _reset_one(self, error: OSError) -> bool:
         """Out of descriptors: frees the reserve to accept and reset one waiting client. Without

@@ -20,7 +20,7 @@ from typing import Any
 from proxy.acceptor import Acceptor, listening_socket
 from proxy.chain import LaneLimits, Outcome
 from proxy.config import HostPort, ProxyConfig, describe
-from proxy.connection import ClientSide, Connection
+from proxy.connection import Accepted, ClientSide, Connection
 from proxy.logs import fields
 from proxy.plan import Chain
 
@@ -66,7 +66,8 @@ class Worker:
         await _start_chain(self.chain)
         for address in self.config.listen:
             acceptor = Acceptor(listening_socket(address, reuse_port), self.refusal,
-                                lambda sock, address=address: self._serve(sock, address), self.refuse)
+                                lambda sock, client, address=address: self._serve(sock, address, client),
+                                self.refuse)
             acceptor.start()
             self.acceptors.append(acceptor)
             log.info("listening", extra=fields(address=str(address)))
@@ -74,14 +75,15 @@ class Worker:
         if self.config.idle_timeout_ms or self.config.max_duration_ms:
             self._sweeper = asyncio.create_task(self._sweep())
 
-    def _serve(self, sock: socket.socket, listener: HostPort) -> None:
+    def _serve(self, sock: socket.socket, listener: HostPort, client: tuple[str, int]) -> None:
         self.starting += 1
-        self.loop.create_task(self._start_connection(sock, listener))
+        self.loop.create_task(self._start_connection(Accepted.take(sock, listener, client)))
 
-    async def _start_connection(self, sock: socket.socket, listener: HostPort) -> None:
+    async def _start_connection(self, accepted: Accepted) -> None:
         """Wraps an accepted socket in a transport; connection_made creates the Connection."""
+        sock = accepted.sock
         try:
-            await self.loop.connect_accepted_socket(lambda: ClientSide(self, listener), sock)
+            await self.loop.connect_accepted_socket(lambda: ClientSide(self, accepted), sock)
         except OSError as error:
             log.info("accepted connection lost before it started", extra=fields(error=str(error)))
             sock.close()

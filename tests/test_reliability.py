@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import inspect
 import json
@@ -1254,6 +1255,64 @@ def test_a_stalling_observe_element_costs_dropped_events_never_bytes_or_memory(h
 
 
 # --- 7. limits and the circuit breaker -------------------------------------------------------------
+
+@contextlib.contextmanager
+def _silent_listener() -> Iterator[int]:
+    """A loopback port whose SYNs go unanswered: its accept queue (backlog 0) is filled by one
+    connection nobody accepts, so the kernel drops further SYNs and a dial hangs."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        time.sleep(0.2)
+        probe = socket.socket()
+        probe.settimeout(0.3)
+        try:
+            probe.connect(("127.0.0.1", port))
+            pytest.fail("the silent listener answered a SYN: cannot test a connect timeout this way")
+        except TimeoutError:
+            pass
+        finally:
+            probe.close()
+        yield port
+    finally:
+        for sock in fillers:
+            sock.close()
+        listener.close()
+
+
+def test_an_upstream_that_never_answers_is_reset_after_connect_timeout_ms(h: Harness) -> None:
+    with _silent_listener() as port:
+        p = h.proxy([], "--target", f"127.0.0.1:{port}", "--connect-timeout-ms", "300")
+        with dial(p.port) as sock:
+            sock.sendall(b"hello")
+            end, took, rest = ending(sock, 5)
+    assert (end, rest) == ("reset", b""), "the client learns the dial failed, by RST"
+    assert 0.25 <= took <= 0.3 + SWEEP_SLACK, f"reset {took:.3f}s after the request, timeout 0.3 s"
+    (closed,) = p.wait_closed(1)
+    assert closed["outcome"] == "upstream_unreachable"
+    assert closed["detail"] == f"dialing 127.0.0.1:{port} failed: timed out"
+
+
+def test_an_upstream_that_refuses_is_reset_at_once_and_named(h: Harness) -> None:
+    port = free_port()  # nothing listens there
+    p = h.proxy([], "--target", f"127.0.0.1:{port}")
+    with dial(p.port) as sock:
+        sock.sendall(b"hello")
+        end, took, rest = ending(sock, 5)
+    assert (end, rest) == ("reset", b"")
+    assert took < 0.5, f"a refused dial resets the client at once, not after {took:.3f}s"
+    (closed,) = p.wait_closed(1)
+    assert closed["outcome"] == "upstream_unreachable"
+    assert closed["detail"] == f"dialing 127.0.0.1:{port} failed: Connection refused"
+
 
 def test_max_connections_refuses_the_sixth_at_once_with_rst_and_counts_it(h: Harness) -> None:
     upstream = h.upstream()
