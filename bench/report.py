@@ -51,6 +51,8 @@ RATIOS = {
     "pass1/hap": ("pass1", "haproxy"),
     "pass3/hap": ("pass3", "haproxy"),
     "obs1/empty": ("observe1", "empty"),
+    "min/hap": ("minimal", "haproxy"),  # no target: what Python + uvloop allow at all
+    "empty/min": ("empty", "minimal"),  # no target: the proxy's own cost on top of that
 }
 
 

@@ -2,8 +2,9 @@
 
     python bench/run.py [--quick] [--repeat N] [--json PATH] [--setups a,b,...]
 
-Starts iperf3 and redis-server once, every set-up once (direct, haproxy, element-proxy
-with an empty chain, one and three passthrough elements, one observe-mode element),
+Starts iperf3 and redis-server once, every set-up once (direct, haproxy, a minimal uvloop
+forwarder, element-proxy with an empty chain, one and three passthrough elements, one
+observe-mode element),
 then runs each workload on each set-up, round-robin over the set-ups within each
 repetition (the order rotates per repetition) so drift hits all alike. Prints a
 Markdown table of medians with ratios against haproxy and issue 4's targets, and

@@ -1,7 +1,8 @@
 """The servers and the set-ups: each set-up is a way to reach the same iperf3 and redis servers.
 
-`direct` dials the servers, `haproxy` goes through haproxy (mode tcp, one thread), the
-others go through element-proxy with a chain of element processes. TARGET_ADDR is a
+`direct` dials the servers, `haproxy` goes through haproxy (mode tcp, one thread),
+`minimal` through the least a uvloop forwarder can do (bench/min_forwarder.py: what the
+runtime allows), the others go through element-proxy with a chain of element processes. TARGET_ADDR is a
 single target, so each proxied set-up runs one front process per target server (one
 for iperf3, one for redis), each with its own element processes, and haproxy is run
 the same way: the peak RSS of a front under bulk then belongs to bulk alone.
@@ -24,7 +25,8 @@ CHAINS: dict[str, list[str]] = {
     "pass3": ["elements.passthrough"] * 3,
     "observe1": ["bench.observe_element"],
 }
-SETUPS = ["direct", "haproxy", *CHAINS]
+SETUPS = ["direct", "haproxy", "minimal", *CHAINS]
+MIN_FORWARDER = str(Path(__file__).resolve().parent / "min_forwarder.py")
 
 HAPROXY_CFG = """\
 global
@@ -99,6 +101,8 @@ class Stack:
             self.setups["direct"] = Setup("direct", {t: Front(self.server_ports[t]) for t in TARGETS})
         if "haproxy" in names:
             self.setups["haproxy"] = Setup("haproxy", {t: self.start_haproxy(t) for t in TARGETS})
+        if "minimal" in names:
+            self.setups["minimal"] = Setup("minimal", {t: self.start_minimal(t) for t in TARGETS})
         proxied = [name for name in names if name in CHAINS]
         # every element first (in parallel), then every proxy
         pending: dict[tuple[str, str], tuple[list[Proc], list[int]]] = {}
@@ -127,6 +131,14 @@ class Stack:
     def start_element(self, module: str, port: int, label: str) -> Proc:
         return self.procs.start(label, [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port),
                                         "--log-level", "warning"])
+
+    def start_minimal(self, target: str) -> Front:
+        front = Front(free_port())
+        front.argv = [sys.executable, MIN_FORWARDER, "--listen-port", str(front.port),
+                      "--target-port", str(self.server_ports[target])]
+        front.proc = self.procs.start(f"minimal-{target}", front.argv)
+        front.proc.wait_listening([front.port])
+        return front
 
     def start_haproxy(self, target: str, label: str = "") -> Front:
         front = Front(free_port())
