@@ -8,10 +8,12 @@ any set-up with an element can reach, whatever the proxy does. It prints
 
 - round trip: one event, one verdict, one at a time (p50/p90): the floor under each element
   hop of a request/response exchange (GET at 1 client crosses the element twice);
-- bulk: 64 KiB events one way, verdicts back, a few messages in flight: Gb/s;
+- bulk: 64 KiB events one way, verdicts back, a few messages in flight: Gb/s (1 MiB
+  messages, 16 events, are what the proxy's writer sends at most: BATCH_BYTES);
 - small events: 30-byte events in batches of 1, 6, 12 and 25: events per second.
 
-The server is a child process on 127.0.0.1 stopped by PID; every run is bounded in time.
+Requests are encoded as the proxy encodes them (proxy/wire.py). The server is a child process
+on 127.0.0.1 stopped by PID; every run is bounded in time.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from elements.api import element_pb2 as pb  # noqa: E402
 from elements.api import element_pb2_grpc as pb_grpc  # noqa: E402
+from proxy.wire import data_event, open_session, session_request  # noqa: E402
 from tests.procs import free_port, stop_popen  # noqa: E402
 
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
@@ -59,13 +62,13 @@ async def serve(port: int) -> None:
     await server.wait_for_termination()
 
 
-def batch(first_seq: int, count: int, data: bytes) -> pb.SessionRequest:
-    return pb.SessionRequest(events=[pb.Event(data=pb.DataEvent(connection_id="c", sequence=first_seq + i, data=data))
-                                     for i in range(count)])
+def batch(first_seq: int, count: int, data: bytes) -> bytes:
+    """Encoded as the proxy encodes its batches (proxy/wire.py)."""
+    return session_request([data_event("c", first_seq + i, 0, data, False, None) for i in range(count)])
 
 
-async def round_trips(stub: pb_grpc.ElementStub) -> str:
-    call = stub.Session()
+async def round_trips(channel: grpc.aio.Channel) -> str:
+    call = open_session(channel)
     took = []
     for seq in range(ROUND_TRIPS):
         start = time.perf_counter()
@@ -78,9 +81,9 @@ async def round_trips(stub: pb_grpc.ElementStub) -> str:
             f"p90 {took[int(len(took) * 0.9)] * 1e6:.0f} us")
 
 
-async def stream(stub: pb_grpc.ElementStub, per_message: int, in_flight: int, data: bytes) -> float:
+async def stream(channel: grpc.aio.Channel, per_message: int, in_flight: int, data: bytes) -> float:
     """Events answered per second with `in_flight` messages of `per_message` events outstanding."""
-    call = stub.Session()
+    call = open_session(channel)
     window = asyncio.Semaphore(in_flight)
     answered = 0
 
@@ -106,14 +109,13 @@ async def stream(stub: pb_grpc.ElementStub, per_message: int, in_flight: int, da
 async def measure(port: int) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS) as channel:
         await channel.channel_ready()
-        stub = pb_grpc.ElementStub(channel)
-        print(await round_trips(stub), flush=True)
-        for per_message, in_flight in ((1, 8), (8, 4)):
-            rate = await stream(stub, per_message, in_flight, b"x" * 65536)
+        print(await round_trips(channel), flush=True)
+        for per_message, in_flight in ((1, 8), (4, 8), (16, 4)):
+            rate = await stream(channel, per_message, in_flight, b"x" * 65536)
             print(f"bulk, {per_message} x 64 KiB per message, {in_flight} in flight: "
                   f"{rate * 65536 * 8 / 1e9:.2f} Gb/s", flush=True)
         for per_message in (1, 6, 12, 25):
-            rate = await stream(stub, per_message, 2, b"x" * 30)
+            rate = await stream(channel, per_message, 2, b"x" * 30)
             print(f"small events, {per_message} per message, 2 in flight: {rate:,.0f} events/s", flush=True)
 
 
