@@ -27,6 +27,7 @@ from proxy.config import ElementConfig
 from proxy.stats import ElementStats
 from proxy.wire import (
     EncodedEvent,
+    close_event,
     data_event,
     encoded_size,
     message_event,
@@ -119,9 +120,7 @@ class ElementSession:
     def send_close(self, connection_id: str, outcome: Outcome, request_bytes: int, response_bytes: int) -> None:
         if self.up:
             self.stats.events["close"] += 1
-            self._queue(message_event(pb.Event(close=pb.CloseEvent(
-                connection_id=connection_id, reason=outcome, request_bytes=request_bytes,
-                response_bytes=response_bytes))))
+            self._queue(close_event(connection_id, outcome, request_bytes, response_bytes))
 
     def _send(self, event: EncodedEvent, kind: str, connection_id: str, seq: int, target: VerdictTarget | None,
               pos: int) -> None:

@@ -5,7 +5,8 @@ Building `pb.DataEvent(data=chunk)` copies the chunk into the message and
 byte (19% of that thread under bulk through one element). In a micro-benchmark here, for
 one 64 KiB chunk: 85 us to build plus 125 us to serialize, against 5 us to encode the few
 header fields below and 2 us for the one copy that joins a batch.
-Open and Close events are rare and carry no payload: the generated classes encode those.
+Close events are encoded here too (one per connection and element); Open events, rarer and
+richer, are encoded by the generated classes.
 
 The layout is plain protobuf wire format for element.v1 (proto/element.proto); tests parse
 what this module writes with the generated classes.
@@ -46,9 +47,14 @@ def _tag(field: int, wire_type: int) -> bytes:
     return _varint(field << 3 | wire_type)
 
 
-# SessionRequest.events = 1; Event.data = 2; DataEvent fields 1..6; map entry key = 1, value = 2
+# SessionRequest.events = 1; Event.data = 2, Event.close = 3; DataEvent fields 1..6 and
+# CloseEvent fields 1..4; map entry key = 1, value = 2
 _REQUEST_EVENT = _tag(1, _LEN)
 _EVENT_DATA = _tag(2, _LEN)
+_EVENT_CLOSE = _tag(3, _LEN)
+_REASON = _tag(2, _VARINT)
+_REQUEST_BYTES = _tag(3, _VARINT)
+_RESPONSE_BYTES = _tag(4, _VARINT)
 _CONNECTION_ID = _tag(1, _LEN)
 _SEQUENCE = _tag(2, _VARINT)
 _DIRECTION = _tag(3, _VARINT)
@@ -92,8 +98,19 @@ def data_event(connection_id: str, sequence: int, direction: int, data: Payload,
     return _REQUEST_EVENT + _varint(len(event) + data_event_size) + event + fields, data, trailer
 
 
+def close_event(connection_id: str, reason: int, request_bytes: int, response_bytes: int) -> EncodedEvent:
+    """One Event{close: CloseEvent}: building it with the generated classes was 2.5% of the
+    proxy's loop under connection churn through an observe-mode element."""
+    fields = _string(_CONNECTION_ID, connection_id)
+    for tag, value in ((_REASON, reason), (_REQUEST_BYTES, request_bytes), (_RESPONSE_BYTES, response_bytes)):
+        if value:
+            fields += tag + _varint(value)
+    event = _EVENT_CLOSE + _varint(len(fields)) + fields
+    return _REQUEST_EVENT + _varint(len(event)) + event, _NO_BYTES, _NO_BYTES
+
+
 def message_event(event: pb.Event) -> EncodedEvent:
-    """An Open or Close event, encoded by the generated class (no payload worth sparing)."""
+    """Any event, encoded by the generated class (Open: no payload worth sparing)."""
     raw = event.SerializeToString()
     return _REQUEST_EVENT + _varint(len(raw)) + raw, _NO_BYTES, _NO_BYTES
 

@@ -16,7 +16,8 @@ import pytest
 
 from tests import traffic
 from tests.checks import wait_for
-from tests.stack import PASSTHROUGH, chain_proxy, tagger
+from tests.procs import start_element
+from tests.stack import PASSTHROUGH, chain_proxy, proxy, tagger
 
 MiB = 1 << 20
 CHAINS = {"empty": [], "one": [PASSTHROUGH], "three": [PASSTHROUGH] * 3}
@@ -221,3 +222,26 @@ def test_json_log_lines_carry_the_same_fields() -> None:
             closed = [json.loads(entry) for entry in line if '"connection closed"' in entry][0]
             assert closed["outcome"] == "completed"
             assert closed["request_bytes"] == 10 and closed["response_bytes"] == 10 + traffic.TRAILER
+
+
+def test_an_element_hears_each_connection_open_and_close_with_its_byte_counts() -> None:
+    """Open and Close events reach a real element through the proxy (the stock logger prints
+    them): the client's address, the destination, the outcome and the bytes written each way."""
+    with traffic.Server(mode="after-eof", send=10) as server:
+        logger, logger_port = start_element("elements.logger", "--format", "json")
+        with logger, proxy([f"127.0.0.1:{logger_port}"], "--target", f"127.0.0.1:{server.port}") as (_, port):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                client = sock.getsockname()
+                sock.sendall(b"x" * 10)
+                sock.shutdown(socket.SHUT_WR)
+                reply = b""
+                while data := sock.recv(65536):
+                    reply += data
+            out = logger.wait_for_output('"event": "close"', timeout=5)
+    events = [json.loads(line) for line in out.splitlines() if line.startswith('{"event"')]
+    opened, closed = events
+    assert opened["event"] == "open" and closed["event"] == "close" and opened["id"] == closed["id"]
+    assert opened["client"] == f"{client[0]}:{client[1]}"
+    assert opened["destination"] == f"127.0.0.1:{server.port}"
+    assert closed["reason"] == "COMPLETED"
+    assert (closed["request_bytes"], closed["response_bytes"]) == (10, len(reply))

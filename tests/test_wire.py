@@ -8,7 +8,13 @@ from hypothesis import strategies as st
 
 from elements.api import element_pb2 as pb
 from proxy.chain import Pending
-from proxy.wire import data_event, encoded_size, message_event, session_request
+from proxy.wire import (
+    close_event,
+    data_event,
+    encoded_size,
+    message_event,
+    session_request,
+)
 
 texts = st.text(max_size=12)
 data_events = st.tuples(
@@ -49,14 +55,24 @@ def test_without_metadata_the_bytes_equal_the_generated_serialization() -> None:
     assert session_request(encoded) == pb.SessionRequest(events=events).SerializeToString()
 
 
-def test_open_and_close_events_travel_in_the_same_request_in_order() -> None:
+@settings(max_examples=200, deadline=None)
+@given(texts.filter(bool), st.sampled_from(list(pb.CloseReason.values())),
+       st.integers(min_value=0, max_value=2**64 - 1), st.integers(min_value=0, max_value=2**64 - 1))
+def test_encoded_close_events_parse_as_the_generated_classes_build_them(
+        connection_id: str, reason: int, request_bytes: int, response_bytes: int) -> None:
+    expected = pb.Event(close=pb.CloseEvent(connection_id=connection_id, reason=reason,
+                                            request_bytes=request_bytes, response_bytes=response_bytes))
+    raw = session_request([close_event(connection_id, reason, request_bytes, response_bytes)])
+    assert raw == pb.SessionRequest(events=[expected]).SerializeToString()
+
+
+def test_open_data_and_close_events_travel_in_the_same_request_in_order() -> None:
     open_event = pb.Event(open=pb.OpenEvent(connection_id="c1", client=pb.Address(ip="10.0.0.1", port=5)))
-    close_event = pb.Event(close=pb.CloseEvent(connection_id="c1", reason=pb.CLOSE_REASON_COMPLETED,
-                                               request_bytes=3))
+    closed = pb.Event(close=pb.CloseEvent(connection_id="c1", reason=pb.CLOSE_REASON_COMPLETED, request_bytes=3))
     raw = session_request([message_event(open_event), data_event("c1", 1, 1, b"abc", True, None),
-                           message_event(close_event)])
+                           close_event("c1", pb.CLOSE_REASON_COMPLETED, 3, 0)])
     assert list(pb.SessionRequest.FromString(raw).events) == [
-        open_event, _expected("c1", 1, 1, b"abc", True, None), close_event]
+        open_event, _expected("c1", 1, 1, b"abc", True, None), closed]
 
 
 @settings(max_examples=300, deadline=None)
