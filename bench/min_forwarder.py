@@ -20,7 +20,8 @@ import uvloop
 
 
 def _shutdown_write(transport: asyncio.Transport) -> None:
-    """Half-close through a duplicate-free socket object (DESIGN.md: uvloop's write_eof hazard)."""
+    """Half-close with shutdown() on the transport's socket, never write_eof() (DESIGN.md: uvloop's
+    write_eof hazard under churn)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, transport.get_extra_info("socket").fileno())
     try:
         sock.shutdown(socket.SHUT_WR)

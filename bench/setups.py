@@ -2,10 +2,11 @@
 
 `direct` dials the servers, `haproxy` goes through haproxy (mode tcp, one thread),
 `minimal` through the least a uvloop forwarder can do (bench/min_forwarder.py: what the
-runtime allows), the others go through element-proxy with a chain of element processes. TARGET_ADDR is a
-single target, so each proxied set-up runs one front process per target server (one
-for iperf3, one for redis), each with its own element processes, and haproxy is run
-the same way: the peak RSS of a front under bulk then belongs to bulk alone.
+runtime allows), the others go through element-proxy with a chain of element processes.
+TARGET_ADDR is a single target, so each proxied set-up runs one front process per target
+server (one for iperf3, one for redis), each with its own element processes, and haproxy
+and the minimal forwarder are run the same way: the peak RSS of a front under bulk then
+belongs to bulk alone.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ class Acceptor:
             return False
         os.close(self._reserve)
         try:
-            conn, client = self.sock.accept()
+            conn, client = self._accept()
         except OSError:
             self._reserve = _open_reserve()
             return False

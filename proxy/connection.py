@@ -50,8 +50,6 @@ def _plain_ip(host: str) -> str:
     return str(address)
 
 
-
-
 def _address(host_port: tuple[str, int]) -> pb.Address:
     return pb.Address(ip=host_port[0], port=host_port[1])
 
@@ -72,7 +70,8 @@ def _shutdown_write(sock: socket.socket) -> None:
         pass  # the peer is gone; connection_lost reports it
 
 
-def _half_close(transport: asyncio.Transport) -> None:
+def _half_close_transport(transport: asyncio.Transport) -> None:
+    """For a socket uvloop made (the upstream): a socket object over its descriptor, detached after."""
     # shutdown() ignores the family: naming one spares socket() three getsockopt probes
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, transport.get_extra_info("socket").fileno())
     try:
@@ -352,7 +351,7 @@ class Connection:
         if direction == Direction.RESPONSE:
             _shutdown_write(self.accepted.sock)
         else:
-            _half_close(transport)
+            _half_close_transport(transport)
 
     def upstream_made(self, transport: asyncio.Transport) -> None:
         """The upstream answered: flush what the request lane released meanwhile, start reading."""

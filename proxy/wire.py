@@ -47,27 +47,32 @@ def _tag(field: int, wire_type: int) -> bytes:
     return _varint(field << 3 | wire_type)
 
 
-# SessionRequest.events = 1; Event.data = 2, Event.close = 3; DataEvent fields 1..6 and
-# CloseEvent fields 1..4; map entry key = 1, value = 2
-_REQUEST_EVENT = _tag(1, _LEN)
-_EVENT_DATA = _tag(2, _LEN)
-_EVENT_CLOSE = _tag(3, _LEN)
-_REASON = _tag(2, _VARINT)
-_REQUEST_BYTES = _tag(3, _VARINT)
-_RESPONSE_BYTES = _tag(4, _VARINT)
-_CONNECTION_ID = _tag(1, _LEN)
+_REQUEST_EVENT = _tag(1, _LEN)   # SessionRequest.events
+_EVENT_DATA = _tag(2, _LEN)      # Event.data
+_EVENT_CLOSE = _tag(3, _LEN)     # Event.close
+_CONNECTION_ID = _tag(1, _LEN)   # DataEvent and CloseEvent field 1
+# DataEvent
 _SEQUENCE = _tag(2, _VARINT)
 _DIRECTION = _tag(3, _VARINT)
 _DATA = _tag(4, _LEN)
 _END_OF_STREAM = _tag(5, _VARINT) + _varint(1)
 _METADATA = _tag(6, _LEN)
-_ENTRY_KEY = _tag(1, _LEN)
+_ENTRY_KEY = _tag(1, _LEN)       # metadata map entry
 _ENTRY_VALUE = _tag(2, _LEN)
+# CloseEvent
+_REASON = _tag(2, _VARINT)
+_REQUEST_BYTES = _tag(3, _VARINT)
+_RESPONSE_BYTES = _tag(4, _VARINT)
 
 
 def _string(tag: bytes, text: str) -> bytes:
     raw = text.encode()
     return tag + _varint(len(raw)) + raw
+
+
+def _request_event(size: int) -> bytes:
+    """The header of one element of SessionRequest.events whose Event is `size` bytes long."""
+    return _REQUEST_EVENT + _varint(size)
 
 
 def _metadata(metadata: Mapping[str, str]) -> bytes:
@@ -95,7 +100,7 @@ def data_event(connection_id: str, sequence: int, direction: int, data: Payload,
         trailer += _metadata(metadata)
     data_event_size = len(fields) + len(data) + len(trailer)
     event = _EVENT_DATA + _varint(data_event_size)
-    return _REQUEST_EVENT + _varint(len(event) + data_event_size) + event + fields, data, trailer
+    return _request_event(len(event) + data_event_size) + event + fields, data, trailer
 
 
 def close_event(connection_id: str, reason: int, request_bytes: int, response_bytes: int) -> EncodedEvent:
@@ -106,13 +111,13 @@ def close_event(connection_id: str, reason: int, request_bytes: int, response_by
         if value:
             fields += tag + _varint(value)
     event = _EVENT_CLOSE + _varint(len(fields)) + fields
-    return _REQUEST_EVENT + _varint(len(event)) + event, _NO_BYTES, _NO_BYTES
+    return _request_event(len(event)) + event, _NO_BYTES, _NO_BYTES
 
 
 def message_event(event: pb.Event) -> EncodedEvent:
     """Any event, encoded by the generated class (Open: no payload worth sparing)."""
     raw = event.SerializeToString()
-    return _REQUEST_EVENT + _varint(len(raw)) + raw, _NO_BYTES, _NO_BYTES
+    return _request_event(len(raw)) + raw, _NO_BYTES, _NO_BYTES
 
 
 def encoded_size(event: EncodedEvent) -> int:
