@@ -26,11 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import elements  # noqa: E402,F401  (gRPC's defaults, set before grpc loads)
+import grpc  # noqa: E402
 from elements.api import element_pb2 as pb  # noqa: E402
 from elements.api import element_pb2_grpc as pb_grpc  # noqa: E402
 from proxy.wire import data_event, open_session, session_request  # noqa: E402

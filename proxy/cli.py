@@ -32,6 +32,7 @@ ENVIRONMENT_HELP = """environment:
   LOG_LEVEL     debug (default) | info | warning | error
   LOG_FORMAT    console (default) | json
   MALLOC_ARENA_MAX  glibc malloc arenas; unset, the proxy uses 2 (less memory, same speed)
+  GRPC_EXPERIMENTS  gRPC core experiments; unset, -event_engine_client,-event_engine_listener (faster element round trips)
 
 subcommands:
   element-proxy demo       run the proxy with example elements in front of a local target, no root needed
