@@ -46,6 +46,10 @@ OBSERVE_BACKLOG_BYTES = 4 * 1024 * 1024
 # message: per-message cost, not bytes, is what gRPC charges the proxy.
 OBSERVE_FLUSH_DELAY = 0.002
 OBSERVE_FLUSH_EVENTS = 512
+# Per-message cost, not bytes, is what gRPC charges for small events: below this many queued
+# bytes, with other events already awaiting verdicts, the writer waits one loop turn to batch more
+# (bench, one element: churn +25%, GET at 50 clients +8%, GET at 1 client and bulk unchanged).
+COALESCE_BELOW_BYTES = 16 * 1024
 BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 0.5
 DESCRIBE_TIMEOUT = 2.0
@@ -252,6 +256,11 @@ class ElementSession:
                 continue
             if self._observer and len(self._outbox) < OBSERVE_FLUSH_EVENTS:
                 await asyncio.sleep(OBSERVE_FLUSH_DELAY)
+            elif self._outbox_bytes < COALESCE_BELOW_BYTES and len(self._pending) > len(self._outbox):
+                # Verdicts are on their way, so more small events are about to follow: one more
+                # turn of the loop lets them share this message. Alone (a lone request) or big
+                # (bulk, where the write is the bottleneck), events go at once.
+                await asyncio.sleep(0)
             batch = self._take_batch()
             self.stats.batches += 1
             try:
