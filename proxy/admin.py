@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from proxy import metrics, stats
+from proxy.config import HostPort
+from proxy.listen_errors import cannot_listen
 
 log = logging.getLogger("proxy.admin")
 
@@ -54,6 +56,16 @@ async def _route(source: AdminSource, path: str) -> Response:
     if path == "/connections":
         return _json(200, await source.connections())
     return 404, "text/plain", b"not found; try /metrics /healthz /readyz /config /connections\n"
+
+
+async def serve(source: AdminSource, address: HostPort) -> asyncio.AbstractServer:
+    """Starts the endpoint; a failed bind names --admin and what to do instead."""
+    try:
+        return await asyncio.start_server(handler(source), address.host, address.port)
+    except OSError as error:
+        raise cannot_listen("serve the admin endpoint", address, "--admin / admin", error,
+                            "; every proxy defaults to 127.0.0.1:15000: give each its own --admin HOST:PORT, "
+                            "or --admin off") from error
 
 
 def handler(source: AdminSource) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:

@@ -21,6 +21,7 @@ from typing import Any
 
 from proxy import config as cfg
 from proxy import admin, logs, supervisor
+from proxy.listen_errors import CannotListen
 from proxy.worker import Worker
 
 log = logging.getLogger("proxy")
@@ -32,7 +33,8 @@ ENVIRONMENT_HELP = """environment:
   LOG_LEVEL     debug (default) | info | warning | error
   LOG_FORMAT    console (default) | json
   MALLOC_ARENA_MAX  glibc malloc arenas; unset, the proxy uses 2 (less memory, same speed)
-  GRPC_EXPERIMENTS  gRPC core experiments; unset, -event_engine_client,-event_engine_listener (faster element round trips)
+  GRPC_EXPERIMENTS  gRPC core experiments; unset, -event_engine_client,-event_engine_listener
+                    (faster round trips to elements); set it, even empty, for gRPC's own defaults
 
 subcommands:
   element-proxy demo       run the proxy with example elements in front of a local target, no root needed
@@ -95,8 +97,7 @@ async def _serve(config: cfg.ProxyConfig, argv: Sequence[str]) -> None:
         if socket_path:
             admin_server = await asyncio.start_unix_server(admin.handler(admin.WorkerSource(worker)), socket_path)
         elif config.admin:
-            admin_server = await asyncio.start_server(admin.handler(admin.WorkerSource(worker)),
-                                                      config.admin.host, config.admin.port)
+            admin_server = await admin.serve(admin.WorkerSource(worker), config.admin)
             log.info("admin endpoint", extra=logs.fields(address=f"http://{config.admin}/"))
         log.info("element-proxy ready", extra=logs.fields(**cfg.describe(config)))
         # What start-up allocated (gRPC, protobuf, modules) lives as long as the process:
@@ -153,11 +154,7 @@ def run(config: cfg.ProxyConfig, argv: Sequence[str]) -> int:
     else:
         runner = asyncio.Runner()
     with runner:
-        try:
-            runner.run(_serve(config, argv))
-        except OSError as error:
-            log.error("cannot listen: %s", error)
-            return 1
+        runner.run(_serve(config, argv))
     return 0
 
 
@@ -175,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"element-proxy: configuration error: {error}", file=sys.stderr)
         return 2
     logs.setup(config.log_level, config.log_format)
-    if config.workers > 1 and not supervisor.is_worker():
-        return asyncio.run(supervisor.supervise(argv, config))
-    return run(config, argv)
+    try:
+        if config.workers > 1 and not supervisor.is_worker():
+            return asyncio.run(supervisor.supervise(argv, config))
+        return run(config, argv)
+    except CannotListen as error:
+        log.error("%s", error)
+        return 1

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from proxy import admin
 from proxy.config import ProxyConfig, describe
+from proxy.listen_errors import CannotListen
 
 log = logging.getLogger("proxy")
 
@@ -41,6 +42,13 @@ async def supervise(argv: Sequence[str], config: ProxyConfig) -> int:
     """Runs config.workers workers until a signal or a worker's death; the exit code says which."""
     folder = tempfile.mkdtemp(prefix="element-proxy-")
     sockets = [os.path.join(folder, f"worker-{i}.sock") for i in range(config.workers)]
+    # The endpoint first: if its address is taken, no worker has been started to be left behind.
+    try:
+        server = (await admin.serve(admin.WorkersSource(sockets, describe(config)), config.admin)
+                  if config.admin else None)
+    except CannotListen:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     children = [await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", *argv, env={**os.environ, WORKER_ENV: str(i), ADMIN_SOCKET_ENV: path})
         for i, path in enumerate(sockets)]
@@ -59,10 +67,6 @@ async def supervise(argv: Sequence[str], config: ProxyConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop, signum)
     loop.add_signal_handler(signal.SIGHUP, forward, signal.SIGHUP)
-    server = None
-    if config.admin:
-        server = await asyncio.start_server(admin.handler(admin.WorkersSource(sockets, describe(config))),
-                                            config.admin.host, config.admin.port)
     log.info("supervising workers", extra={"fields": {"pids": [c.pid for c in children]}})
     waits = [asyncio.create_task(child.wait()) for child in children]
     stop_wait = asyncio.create_task(stopping.wait())

@@ -21,6 +21,7 @@ from proxy.acceptor import Acceptor, listening_socket
 from proxy.chain import LaneLimits, Outcome
 from proxy.config import HostPort, ProxyConfig, describe
 from proxy.connection import Accepted, ClientSide, Connection
+from proxy.listen_errors import cannot_listen
 from proxy.logs import fields
 from proxy.plan import Chain
 
@@ -65,7 +66,11 @@ class Worker:
         """Starts sessions, waits (bounded) for every element to answer, then listens."""
         await _start_chain(self.chain)
         for address in self.config.listen:
-            acceptor = Acceptor(listening_socket(address, reuse_port), self.refusal,
+            try:
+                sock = listening_socket(address, reuse_port)
+            except OSError as error:
+                raise cannot_listen("listen", address, "--listen / listen", error) from error
+            acceptor = Acceptor(sock, self.refusal,
                                 lambda sock, client, address=address: self._serve(sock, address, client),
                                 self.refuse)
             acceptor.start()
