@@ -17,6 +17,7 @@ import inspect
 import logging
 import os
 import signal
+import socket
 import sys
 from collections import deque
 from collections.abc import Awaitable, Iterable, Mapping
@@ -423,6 +424,21 @@ def _listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class CannotServe(Exception):
+    """The element could not listen where it was told to; the message says where and why."""
+
+
+def _why_not_bound(host: str, port: int) -> str:
+    """gRPC says only "Failed to bind": a plain bind on the same address tells why."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.strerror or str(error)
+    return "gRPC could not bind it (GRPC_VERBOSITY=debug says why)"
+
+
 async def serve_async(element: Element, host: str = "0.0.0.0", port: int = DEFAULT_PORT,
                       grace: float = DEFAULT_GRACE) -> None:
     """Serves until SIGTERM/SIGINT, then reports NOT_SERVING, ends sessions and stops within `grace`."""
@@ -430,6 +446,9 @@ async def serve_async(element: Element, host: str = "0.0.0.0", port: int = DEFAU
     server = grpc.aio.server(options=[
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        # gRPC binds with SO_REUSEPORT by default: a second element started on a taken port
+        # would silently take half of the proxy's sessions (a passthrough beside a firewall).
+        ("grpc.so_reuseport", 0),
     ])
     stopping = asyncio.Event()
     pb_grpc.add_ElementServicer_to_server(_Servicer(element, stopping), server)
@@ -439,7 +458,11 @@ async def serve_async(element: Element, host: str = "0.0.0.0", port: int = DEFAU
         [ELEMENT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    bound = server.add_insecure_port(_listen_address(host, port))
+    try:
+        bound = server.add_insecure_port(_listen_address(host, port))
+    except RuntimeError as error:
+        raise CannotServe(f"element {name}: cannot listen on {_listen_address(host, port)} (--host / --port): "
+                          f"{_why_not_bound(host, port)}") from error
     await server.start()
     await health.set(ELEMENT_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     stop = asyncio.Event()
@@ -504,4 +527,8 @@ def run(element_class: type[Element], argv: list[str] | None = None) -> None:
         element.describe()
     except ValueError as err:
         parser.error(str(err))
-    serve(element, args.host, args.port)
+    try:
+        serve(element, args.host, args.port)
+    except CannotServe as error:
+        log.error("%s", error)
+        sys.exit(1)

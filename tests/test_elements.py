@@ -9,11 +9,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from elements.api import element_pb2 as pb
+from elements.api import element_pb2_grpc as pb_grpc
 from elements.firewall import Firewall
 from elements.rewrite import Rewriter
 from elements.sdk import Chunk, Connection, Direction, Reset
@@ -81,6 +83,27 @@ def test_bad_options_exit_2_naming_the_option_and_value(module: str, args: list[
     assert result.returncode == 2
     message = result.stderr.strip().splitlines()[-1]
     assert all(text in message for text in named), message
+
+
+def test_a_second_element_on_a_taken_port_exits_1_instead_of_sharing_it() -> None:
+    """gRPC binds with SO_REUSEPORT by default: without the SDK turning it off, the logger below
+    would start fine and take every other session meant for the firewall."""
+    proc, port = start_element("elements.firewall", "--deny-port", "23")
+    with proc:
+        result = subprocess.run([sys.executable, "-m", "elements.logger", "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=REPO, capture_output=True, text=True, timeout=20)
+        names = {describe(port).name for _ in range(6)}
+    assert result.returncode == 1, result.stderr
+    assert (f"element logger: cannot listen on 127.0.0.1:{port} (--host / --port): Address already in use"
+            in result.stderr.strip().splitlines()[-1])
+    assert "Traceback" not in result.stderr
+    assert names == {"firewall"}
+
+
+def describe(port: int) -> pb.Description:
+    """Describe over a new connection each time, so SO_REUSEPORT would spread them."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return pb_grpc.ElementStub(channel).Describe(pb.DescribeRequest(), timeout=5)
 
 
 @pytest.fixture(scope="module")
