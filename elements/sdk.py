@@ -199,6 +199,11 @@ class Element:
         )
 
 
+class BadEvent(ValueError):
+    """An event the protocol does not allow (say, a hand-written one from grpcurl): no hook sees
+    it, the element answers ACTION_RESET and logs one line saying what was wrong."""
+
+
 class _Tracked:
     """A connection plus the events queued behind its running async hook (None when idle)."""
 
@@ -252,8 +257,8 @@ class Dispatcher:
             else:
                 try:
                     self._settle(tracked.conn, kind, body, self._call(tracked.conn, kind, body))
-                except Exception:
-                    self._fail(tracked.conn, kind, body)
+                except Exception as error:
+                    self._fail(tracked.conn, kind, body, error)
         if self.outbox.verdicts:
             self.ready.set()
 
@@ -282,8 +287,8 @@ class Dispatcher:
                 if inspect.isawaitable(result):
                     result = await result
                 self._settle(tracked.conn, kind, body, result)
-            except Exception:
-                self._fail(tracked.conn, kind, body)
+            except Exception as error:
+                self._fail(tracked.conn, kind, body, error)
             if self.outbox.verdicts:
                 self.ready.set()
         tracked.backlog = None
@@ -294,7 +299,11 @@ class Dispatcher:
             metadata = dict(body.metadata) if body.metadata else {}
             if metadata:
                 conn.metadata.update(metadata)
-            chunk = Chunk(body.sequence, _DIRECTION_OF[body.direction], body.data, body.end_of_stream, metadata)
+            direction = _DIRECTION_OF.get(body.direction)
+            if direction is None:
+                raise BadEvent(f"direction {body.direction} is neither DIRECTION_REQUEST ({pb.DIRECTION_REQUEST}) "
+                               f"nor DIRECTION_RESPONSE ({pb.DIRECTION_RESPONSE})")
+            chunk = Chunk(body.sequence, direction, body.data, body.end_of_stream, metadata)
             return element.on_data(conn, chunk)
         if kind == "open":
             conn.client = Address(body.client.ip, body.client.port)
@@ -317,9 +326,15 @@ class Dispatcher:
             else:
                 raise TypeError(f"on_{kind} returned {type(result).__name__}; expected a Verdict or None")
 
-    def _fail(self, conn: Connection, kind: str, body: Any) -> None:
-        log.exception("element %s: on_%s failed on connection %s; answering ACTION_RESET",
-                      self.element.describe().name, kind, conn.id)
+    def _fail(self, conn: Connection, kind: str, body: Any, error: Exception) -> None:
+        """Answers RESET for an event whose hook raised (logged with its traceback, from inside
+        the except block) or that the protocol does not allow (one line)."""
+        if isinstance(error, BadEvent):
+            log.warning("element %s: %s event %d of connection %s refused, %s; answering ACTION_RESET",
+                        self.element.describe().name, kind, _sequence(kind, body), conn.id, error)
+        else:
+            log.exception("element %s: on_%s failed on connection %s; answering ACTION_RESET",
+                          self.element.describe().name, kind, conn.id)
         if kind == "close":
             self._connections.pop(conn.id, None)
         elif self.answer and (kind == "data" or self.element.wants_open):

@@ -95,6 +95,22 @@ def test_hook_exception_resets_that_event_and_the_stream_goes_on(probe: tuple[Pr
     assert out.count(f"on_data failed on connection {cid}") == 1
 
 
+def test_an_event_with_an_unknown_direction_is_refused_in_one_line(probe: tuple[Proc, int]) -> None:
+    """What a hand-written Session event from grpcurl easily gets wrong: RESET, and one log line that
+    says why, not a KeyError traceback per event."""
+    proc, port = probe
+    cid = f"nodir-{port}-{time.monotonic_ns()}"
+    got = by_key(exchange(port, [data_event(cid, 1, b"x", direction=0), data_event(cid, 2, b"y", direction=7),
+                                 data_event("ok", 1, b"fine")]))
+    assert got[cid, 1].action == pb.ACTION_RESET
+    assert got[cid, 2].action == pb.ACTION_RESET
+    assert got["ok", 1].action == pb.ACTION_PASS
+    out = proc.wait_for_output(f"data event 2 of connection {cid} refused")
+    assert (f"data event 1 of connection {cid} refused, direction 0 is neither DIRECTION_REQUEST (1) "
+            f"nor DIRECTION_RESPONSE (2); answering ACTION_RESET") in out
+    assert "KeyError" not in out
+
+
 def test_describe(async_probe: tuple[Proc, int]) -> None:
     _, port = async_probe
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
