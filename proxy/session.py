@@ -270,8 +270,12 @@ class ElementSession:
 
     def _take_batch(self) -> list[EncodedEvent]:
         """Takes events from the front of the outbox up to BATCH_BYTES, so no message nears the
-        gRPC size limit; only the events taken are looked at, however long the outbox is."""
+        gRPC size limit; only the events taken are looked at, however long the outbox is, and
+        none when the whole outbox fits (its size is kept as events are queued)."""
         outbox = self._outbox
+        if self._outbox_bytes <= BATCH_BYTES:
+            self._outbox, self._outbox_bytes = [], 0
+            return outbox
         size = count = 0
         for event in outbox:
             weight = encoded_size(event)
