@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -109,7 +109,9 @@ class FlowOutput(Protocol):
 
     def send_close(self, element: int, outcome: Outcome) -> None: ...
 
-    def write(self, direction: Direction, data: Payload) -> None: ...
+    def writer(self, direction: Direction) -> Callable[[Payload], None]:
+        """What writes this direction's bytes out; asked once per lane, so a chunk's way out
+        skips a dispatch on its direction (the whole per-read cost of an empty chain)."""
 
     def write_eof(self, direction: Direction) -> None: ...
 
@@ -190,7 +192,7 @@ class Pending:
 class Lane:
     """One direction of a connection: bytes read on one socket, through the stages, to the other."""
 
-    __slots__ = ("flow", "direction", "stages", "limits", "out", "fifos", "seen", "pending", "pending_eof",
+    __slots__ = ("flow", "direction", "stages", "limits", "out", "emit", "fifos", "seen", "pending", "pending_eof",
                  "in_flight", "in_flight_bytes", "input_open", "eof_dispatched", "eof_written",
                  "drain_then_eof", "reading", "passthrough", "pumping")
 
@@ -201,6 +203,7 @@ class Lane:
         self.stages = stages
         self.limits = limits
         self.out = out
+        self.emit = out.writer(direction)
         self.fifos: list[deque[_Chunk]] = [deque() for _ in stages]
         self.seen = [0] * len(stages)
         self.pending = Pending()
@@ -215,19 +218,14 @@ class Lane:
         self.passthrough = not stages
         self.pumping = False
 
-    @property
-    def buffered(self) -> int:
-        """Bytes read and not yet written: what backpressure bounds."""
-        return len(self.pending) + self.in_flight_bytes
-
     def feed(self, data: bytes) -> None:
         """Bytes read from this direction's source."""
         if not self.input_open or self.flow.ended:
             return
         if self.in_flight == 0 and self.passthrough:
-            self.out.write(self.direction, data)
+            self.emit(data)
             return
-        if not self.pending and self.in_flight < self.limits.window and len(data) <= self.limits.chunk_size:
+        if not self.pending.size and self.in_flight < self.limits.window and len(data) <= self.limits.chunk_size:
             self._dispatch(data, False)
         else:
             self.pending.append(data)
@@ -345,7 +343,7 @@ class Lane:
             pos += 1
         self._forget(chunk)
         if chunk.data:
-            self.out.write(self.direction, chunk.data)
+            self.emit(chunk.data)
         if chunk.eos and not self.flow.ended:
             self._write_eof()
         self._pump()
@@ -367,26 +365,28 @@ class Lane:
         if self.flow.ended or self.pumping:
             return
         limits = self.limits
+        pending = self.pending  # tested by .size: len() would be a Python call each time
         self.pumping = True
         try:
-            while self.pending and self.in_flight < limits.window and not self.flow.ended:
-                piece = self.pending.take(limits.chunk_size)
-                self._dispatch(piece, self.pending_eof and not self.pending)
-            if (self.pending_eof and not self.pending and not self.eof_dispatched
+            while pending.size and self.in_flight < limits.window and not self.flow.ended:
+                piece = pending.take(limits.chunk_size)
+                self._dispatch(piece, self.pending_eof and not pending.size)
+            if (self.pending_eof and not pending.size and not self.eof_dispatched
                     and self.in_flight < limits.window and not self.flow.ended):
                 self._dispatch(b"", True)
         finally:
             self.pumping = False
         if self.flow.ended:
             return
-        if self.drain_then_eof and not self.pending and self.in_flight == 0 and not self.eof_written:
+        if self.drain_then_eof and not pending.size and self.in_flight == 0 and not self.eof_written:
             self._write_eof()
             return
         if self.input_open:
-            buffered = self.buffered
+            buffered = pending.size + self.in_flight_bytes  # read, not yet written: what backpressure bounds
             if buffered >= limits.high_water:
-                self._set_reading(False)
-            elif 2 * buffered < limits.high_water:
+                if self.reading:
+                    self._set_reading(False)
+            elif not self.reading and 2 * buffered < limits.high_water:
                 self._set_reading(True)
 
     def _set_reading(self, reading: bool) -> None:

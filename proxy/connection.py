@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -95,19 +95,19 @@ def _abort_with_rst(transport: asyncio.Transport | None) -> None:
 class _Side(asyncio.Protocol):
     """The asyncio protocol of one socket; `reads` is the lane its bytes feed."""
 
-    __slots__ = ("conn", "reads")
+    __slots__ = ("conn", "reads", "lane")
 
     def __init__(self, conn: Connection, reads: Direction) -> None:
         self.conn = conn
         self.reads = reads
+        self.lane = conn.flow.lane(reads)
 
     def data_received(self, data: bytes) -> None:
-        conn = self.conn
-        conn.last_active = time.monotonic()
-        conn.flow.lane(self.reads).feed(data)
+        self.conn.last_active = time.monotonic()
+        self.lane.feed(data)
 
     def eof_received(self) -> bool:
-        self.conn.flow.lane(self.reads).feed_eof()
+        self.lane.feed_eof()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -131,6 +131,7 @@ class ClientSide(_Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.reads = Direction.REQUEST
         self.conn = Connection(self.worker, self.accepted, cast(asyncio.Transport, transport))
+        self.lane = self.conn.flow.request
         self.conn.start()
         self.conn.loop.call_soon(self.conn.reassert_pauses)
 
@@ -185,7 +186,7 @@ class Connection:
         self.id = worker.ids.next()
         self.accepted = accepted
         self.listener = accepted.listener
-        self.client: asyncio.Transport | None = client
+        self.client: asyncio.Transport = client
         self.upstream: asyncio.Transport | None = None
         self.chain = worker.chain
         self.chain.acquire()
@@ -251,20 +252,22 @@ class Connection:
     def send_close(self, element: int, outcome: Outcome) -> None:
         self.sessions[element].send_close(self.id, outcome, self.request_bytes, self.response_bytes)
 
-    def write(self, direction: Direction, data: Payload) -> None:
-        if direction == Direction.REQUEST:
-            self.request_bytes += len(data)
-            if self.upstream is None:
-                self.early.append(data)
-                self.early_bytes += len(data)
-                if self.early_bytes >= self.worker.limits.high_water:
-                    self.pause(Direction.REQUEST, PAUSE_STARTING)
-                return
-            self.upstream.write(data)
-        else:
-            self.response_bytes += len(data)
-            assert self.client is not None
-            self.client.write(data)
+    def writer(self, direction: Direction) -> Callable[[Payload], None]:
+        return self._write_request if direction == Direction.REQUEST else self._write_response
+
+    def _write_request(self, data: Payload) -> None:
+        self.request_bytes += len(data)
+        if self.upstream is None:
+            self.early.append(data)
+            self.early_bytes += len(data)
+            if self.early_bytes >= self.worker.limits.high_water:
+                self.pause(Direction.REQUEST, PAUSE_STARTING)
+            return
+        self.upstream.write(data)
+
+    def _write_response(self, data: Payload) -> None:
+        self.response_bytes += len(data)
+        self.client.write(data)
 
     def write_eof(self, direction: Direction) -> None:
         transport = self.upstream if direction == Direction.REQUEST else self.client

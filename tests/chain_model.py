@@ -130,6 +130,9 @@ class Recorder:
     def send_close(self, element: int, outcome: Outcome) -> None:
         self._record(Close(element, outcome))
 
+    def writer(self, direction: Direction) -> Callable[[bytes], None]:
+        return lambda data: self.write(direction, data)
+
     def write(self, direction: Direction, data: bytes) -> None:
         self._record(Write(direction, bytes(data)))
 
