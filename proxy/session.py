@@ -64,7 +64,10 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
-_ACTION_NAMES = {Action.PASS: "pass", Action.DROP: "drop", Action.CLOSE: "close", Action.RESET: "reset"}
+# The stats key of a verdict by (is it Open's, action): looked up, not formatted, per verdict.
+# An action missing here is one the proxy does not know.
+_VERDICT_KEYS = {(is_open, int(action)): f"{'open' if is_open else 'data'}/{action.name.lower()}"
+                 for is_open in (True, False) for action in (Action.PASS, Action.DROP, Action.CLOSE, Action.RESET)}
 
 # What trips the breaker: failures that cost a wait or show a broken element. A session
 # that is down already fails every event at once, so tripping on it would save nothing.
@@ -306,21 +309,22 @@ class ElementSession:
                     log.debug("element %s: verdict for unknown connection %s sequence %d ignored",
                               self.name, verdict.connection_id, verdict.sequence)
                     continue
-                action = _ACTION_NAMES.get(verdict.action)
+                target, pos, seq, sent_at = waiter
+                action = verdict.action
+                key = _VERDICT_KEYS.get((seq == 0, action))
                 data = verdict.data if verdict.HasField("data") else None
-                if action is None or data is not None and len(data) > self._max_replacement:
+                if key is None or data is not None and len(data) > self._max_replacement:
                     log.warning("element %s: invalid verdict for connection %s (%s), failure policy %s applied",
                                 self.name, verdict.connection_id,
-                                f"action {verdict.action}" if action is None else
+                                f"action {action}" if key is None else
                                 f"{len(data or b'')} replacement bytes, over max_replacement_bytes",
                                 self.config.failure)
                     self._apply_policy(waiter, "invalid_verdict")
                     continue
                 self._consecutive_failures = 0
-                target, pos, seq, sent_at = waiter
-                stats.verdict("open" if seq == 0 else "data", action, now - sent_at)
-                target.on_verdict(pos, seq, verdict.action, data,
-                                  dict(verdict.metadata) if verdict.metadata else None)
+                stats.verdict(key, now - sent_at)
+                metadata = verdict.metadata
+                target.on_verdict(pos, seq, action, data, dict(metadata) if metadata else None)
 
     async def _watch_timeouts(self) -> None:
         """Fails events older than timeout_ms; one sweep per quarter timeout keeps it cheap."""

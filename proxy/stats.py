@@ -28,8 +28,8 @@ class ElementStats:
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
 
-    def verdict(self, kind: str, action: str, seconds: float) -> None:
-        key = f"{kind}/{action}"
+    def verdict(self, key: str, seconds: float) -> None:
+        """`key` is "<open|data>/<action>", as the metrics label them."""
         self.verdicts[key] = self.verdicts.get(key, 0) + 1
         self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
