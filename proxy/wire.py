@@ -57,7 +57,7 @@ _DIRECTION = _tag(3, _VARINT)
 _DATA = _tag(4, _LEN)
 _END_OF_STREAM = _tag(5, _VARINT) + _varint(1)
 _METADATA = _tag(6, _LEN)
-_DIRECTIONS = {direction: _DIRECTION + _varint(direction) for direction in (pb.DIRECTION_REQUEST, pb.DIRECTION_RESPONSE)}
+_DIRECTIONS: dict[int, bytes] = {int(d): _DIRECTION + _varint(d) for d in (pb.DIRECTION_REQUEST, pb.DIRECTION_RESPONSE)}
 _ENTRY_KEY = _tag(1, _LEN)       # metadata map entry
 _ENTRY_VALUE = _tag(2, _LEN)
 # CloseEvent
