@@ -23,7 +23,7 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
-TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024
+TRIM_THRESHOLD_BYTES = 8 * 1024 * 1024
 
 
 def _mallopt() -> Callable[[int, int], int] | None:

@@ -32,7 +32,7 @@ ENVIRONMENT_HELP = """environment:
   LOG_LEVEL     debug (default) | info | warning | error
   LOG_FORMAT    console (default) | json
   MALLOC_ARENA_MAX  glibc malloc arenas; unset, the proxy uses 2 (less memory, same speed)
-  MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_  glibc malloc; both unset, 4 MiB and 32 MiB
+  MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_  glibc malloc; both unset, 4 MiB and 8 MiB
                     (big buffers stay on the heap: fewer page faults per chunk)
   GRPC_EXPERIMENTS  gRPC core experiments; unset, -event_engine_client,-event_engine_listener
                     (faster round trips to elements); set it, even empty, for gRPC's own defaults
