@@ -185,7 +185,6 @@ class Connection:
         self.loop = worker.loop
         self.id = worker.ids.next()
         self.accepted = accepted
-        self.listener = accepted.listener
         self.client: asyncio.Transport = client
         self.upstream: asyncio.Transport | None = None
         self.chain = worker.chain
@@ -200,7 +199,6 @@ class Connection:
         self.request_bytes = 0
         self.response_bytes = 0
         self.started = self.last_active = time.monotonic()
-        self.client_address = accepted.client
         self.destination: HostPort | None = None
         self.dial_task: asyncio.Task[None] | None = None
         self.dial_timed_out = False
@@ -223,25 +221,25 @@ class Connection:
 
     def describe(self) -> dict[str, object]:
         """One row of the admin endpoint's /connections."""
-        return {"id": self.id, "client": str(HostPort(*self.client_address)), "destination": str(self.destination),
-                "listener": str(self.listener), "request_bytes": self.request_bytes,
+        return {"id": self.id, "client": str(HostPort(*self.accepted.client)), "destination": str(self.destination),
+                "listener": str(self.accepted.listener), "request_bytes": self.request_bytes,
                 "response_bytes": self.response_bytes, "age_s": round(time.monotonic() - self.started, 3)}
 
     def _log_open(self) -> None:
         if not log.isEnabledFor(logging.DEBUG):
             return
         log.debug("connection opened", extra=fields(
-            conn=self.id, client=str(HostPort(*self.client_address)), destination=str(self.destination),
-            listener=str(self.listener)))
+            conn=self.id, client=str(HostPort(*self.accepted.client)), destination=str(self.destination),
+            listener=str(self.accepted.listener)))
 
     # --- chain.FlowOutput -------------------------------------------------------------
 
     def send_open(self, element: int, metadata: Mapping[str, str], target: VerdictTarget | None, pos: int) -> None:
         destination = self.destination
         assert destination is not None
-        event = pb.OpenEvent(connection_id=self.id, client=_address(self.client_address),
+        event = pb.OpenEvent(connection_id=self.id, client=_address(self.accepted.client),
                              original_destination=pb.Address(ip=destination.host, port=destination.port),
-                             listener=pb.Address(ip=self.listener.host, port=self.listener.port),
+                             listener=pb.Address(ip=self.accepted.listener.host, port=self.accepted.listener.port),
                              metadata=metadata)
         self.sessions[element].send_open(event, target, pos)
 
@@ -305,7 +303,7 @@ class Connection:
             return
         log.log(level, "connection closed", extra=fields(
             conn=self.id, outcome=outcome.name.lower(), detail=detail or None,
-            client=str(HostPort(*self.client_address)), destination=str(self.destination),
+            client=str(HostPort(*self.accepted.client)), destination=str(self.destination),
             request_bytes=self.request_bytes, response_bytes=self.response_bytes,
             duration_ms=round((time.monotonic() - self.started) * 1000, 1)))
 

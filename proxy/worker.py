@@ -131,7 +131,7 @@ class Worker:
 
     def opened(self, connection: Connection) -> None:
         self.connections[connection.id] = connection
-        self.accepted[str(connection.listener)] += 1
+        self.accepted[str(connection.accepted.listener)] += 1
 
     def closed(self, connection: Connection, outcome: Outcome) -> None:
         if self.connections.pop(connection.id, None) is None:
@@ -146,7 +146,7 @@ class Worker:
         active = dict.fromkeys(self.accepted, 0)
         written = dict(self.closed_bytes)
         for connection in self.connections.values():
-            active[str(connection.listener)] += 1
+            active[str(connection.accepted.listener)] += 1
             written["request"] += connection.request_bytes
             written["response"] += connection.response_bytes
         return {
