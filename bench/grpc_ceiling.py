@@ -65,7 +65,8 @@ async def serve(port: int) -> None:
 
 def batch(first_seq: int, count: int, data: bytes) -> bytes:
     """Encoded as the proxy encodes its batches (proxy/wire.py)."""
-    return session_request([data_event("c", first_seq + i, 0, data, False, None) for i in range(count)])
+    return session_request([data_event("c", first_seq + i, pb.DIRECTION_REQUEST, data, False, None)
+                            for i in range(count)])
 
 
 async def round_trips(channel: grpc.aio.Channel) -> str:
