@@ -73,6 +73,9 @@ class CloseReason(enum.IntEnum):
     PEER_RESET = pb.CLOSE_REASON_PEER_RESET
     UPSTREAM_UNREACHABLE = pb.CLOSE_REASON_UPSTREAM_UNREACHABLE
     FAILURE = pb.CLOSE_REASON_FAILURE
+    IDLE_TIMEOUT = pb.CLOSE_REASON_IDLE_TIMEOUT
+    MAX_DURATION = pb.CLOSE_REASON_MAX_DURATION
+    PROXY_STOPPING = pb.CLOSE_REASON_PROXY_STOPPING
 
 
 # A dict lookup, not Direction(value): this runs for every chunk.
@@ -396,14 +399,18 @@ async def _read(request_iterator: Any, dispatcher: Dispatcher) -> None:
 
 
 async def _write(context: grpc.aio.ServicerContext, dispatcher: Dispatcher) -> None:
-    """The stream's one writer: sends whatever verdicts gathered meanwhile as one message."""
+    """The stream's one writer: sends whatever verdicts gathered meanwhile as one message.
+
+    `closed` is read before the outbox is taken: verdicts added while a write was awaited
+    (the last hooks finishing as the stream ends) must still go out in one more message."""
     while True:
         await dispatcher.ready.wait()
         dispatcher.ready.clear()
+        closed = dispatcher.closed
         response = dispatcher.take()
         if response.verdicts:
             await context.write(response)
-        if dispatcher.closed:
+        if closed:
             return
 
 
