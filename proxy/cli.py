@@ -129,14 +129,13 @@ async def _reload(worker: Worker, argv: Sequence[str], reloading: asyncio.Lock) 
     """SIGHUP: re-reads flags, file and environment; only the chain changes without a restart.
 
     load() turns every way the file can be wrong (unreadable, not UTF-8, not TOML, a bad
-    value) into a ConfigError: one line in the log, and the running chain stays."""
+    value) into a ConfigError, and so may Worker.reload (the new chain against the settings
+    that stay): one line in the log, and the running chain stays."""
     async with reloading:
         try:
-            config = load(argv, os.environ)
+            await worker.reload(load(argv, os.environ))
         except cfg.ConfigError as error:
             log.error("reload refused, keeping the running chain: %s", error)
-            return
-        await worker.reload(config)
 
 
 def _raise_file_limit() -> None:
