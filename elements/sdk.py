@@ -100,6 +100,9 @@ class Connection:
 
     `metadata` accumulates the metadata of its Open and Data events; `state` is the
     element's own per-connection scratch space, dropped with the connection.
+    `resumed` is set when the proxy announced the connection to this session after it
+    had started (an element restart, a reconnect): whatever the element kept about its
+    earlier bytes (`request_bytes`/`response_bytes` of them were written) is not here.
     """
 
     id: str
@@ -108,6 +111,9 @@ class Connection:
     listener: Address = Address()
     metadata: dict[str, str] = field(default_factory=dict)
     state: dict[Any, Any] = field(default_factory=dict)
+    resumed: bool = False
+    request_bytes: int = 0
+    response_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -177,7 +183,9 @@ class Element:
         return cls()
 
     def on_open(self, conn: Connection) -> HookResult:
-        """A connection was accepted (only when `wants_open`); may reject it before dialing."""
+        """A connection was accepted (only when `wants_open`); may reject it before dialing.
+        Also called with `conn.resumed` for a connection already under way when this session
+        began: CLOSE or RESET end it, None keeps it."""
         return None
 
     def on_data(self, conn: Connection, chunk: Chunk) -> HookResult:
@@ -312,6 +320,8 @@ class Dispatcher:
             conn.client = Address(body.client.ip, body.client.port)
             conn.original_destination = Address(body.original_destination.ip, body.original_destination.port)
             conn.listener = Address(body.listener.ip, body.listener.port)
+            conn.resumed = body.resumed
+            conn.request_bytes, conn.response_bytes = body.request_bytes, body.response_bytes
             conn.metadata.update(body.metadata)
             return element.on_open(conn) if element.wants_open else None
         return element.on_close(conn, _close_reason(body.reason), body.request_bytes, body.response_bytes)
