@@ -12,7 +12,7 @@ any set-up with an element can reach, whatever the proxy does. It prints
   messages, 16 events, are what the proxy's writer sends at most: BATCH_BYTES);
 - small events: 30-byte events in batches of 1, 6, 12 and 25: events per second.
 
-Requests are encoded as the proxy encodes them (proxy/wire.py). The server is a child process
+Requests are encoded as the proxy encodes them (proxy/sessions/wire.py). The server is a child process
 on 127.0.0.1 stopped by PID; every run is bounded in time.
 """
 
@@ -34,7 +34,7 @@ import elements  # noqa: E402,F401  (gRPC's defaults, set before grpc loads)
 import grpc  # noqa: E402
 from elements.api import element_pb2 as pb  # noqa: E402
 from elements.api import element_pb2_grpc as pb_grpc  # noqa: E402
-from proxy.wire import data_event, open_session, session_request  # noqa: E402
+from proxy.sessions.wire import data_event, open_session, session_request  # noqa: E402
 from tests.procs import free_port, stop_popen  # noqa: E402
 
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
@@ -64,7 +64,7 @@ async def serve(port: int) -> None:
 
 
 def batch(first_seq: int, count: int, data: bytes) -> bytes:
-    """Encoded as the proxy encodes its batches (proxy/wire.py)."""
+    """Encoded as the proxy encodes its batches (proxy/sessions/wire.py)."""
     return session_request([data_event("c", first_seq + i, pb.DIRECTION_REQUEST, data, False, None)
                             for i in range(count)])
 

@@ -20,9 +20,9 @@ from typing import Any
 
 from elements.allocator import limit_arenas
 from proxy import config as cfg
-from proxy import admin, logs, supervisor
-from proxy.listen_errors import CannotListen
-from proxy.worker import Worker
+from proxy.operations import admin, logs, supervisor
+from proxy.net.listen_errors import CannotListen
+from proxy.net.worker import Worker
 
 log = logging.getLogger("proxy")
 
@@ -164,7 +164,7 @@ def run(config: cfg.ProxyConfig, argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["iptables"]:
-        from proxy import iptables
+        from proxy.interception import iptables
         return iptables.main(argv[1:])
     if argv[:1] == ["demo"]:
         from proxy import demo

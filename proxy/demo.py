@@ -16,9 +16,9 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-from proxy import logs
+from proxy.operations import logs
 from proxy.config import ElementConfig, HostPort, ProxyConfig
-from proxy.worker import Worker
+from proxy.net.worker import Worker
 
 ELEMENTS = (
     ("logger", ["--format", "console"]),

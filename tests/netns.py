@@ -5,7 +5,7 @@ the machine's own ruleset. Names are unique per process (`<prefix>-<pid>-<n>-<ro
 and every namespace is deleted on exit from its `with`, even when the test fails.
 
     with two_hosts() as hosts:
-        run_in(hosts.pod.ns, ["python3", "-m", "proxy.iptables", "install", ...])
+        run_in(hosts.pod.ns, ["python3", "-m", "proxy.interception.iptables", "install", ...])
         Proc([...], netns=hosts.client.ns)        # tests.procs
         hosts.pod.v4, hosts.pod.v6                # "10.201.0.2", "fd00:201::2"
 """

@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
-from proxy.breaker import Breaker
+from proxy.sessions.breaker import Breaker
 from proxy.config import ElementConfig
-from proxy.faultlog import FaultLog
+from proxy.sessions.faultlog import FaultLog
 
 CONFIG = ElementConfig("127.0.0.1:1", breaker_failures=5, breaker_window_ms=10_000, breaker_failure_percent=10,
                        breaker_min_events=20, breaker_cooldown_ms=3_600_000)

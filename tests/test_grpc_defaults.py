@@ -40,7 +40,7 @@ def _environment_without_experiments() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key != "GRPC_EXPERIMENTS"}
 
 
-@pytest.mark.parametrize("module", ["proxy.cli", "proxy.session", "elements.sdk", "elements.passthrough"])
+@pytest.mark.parametrize("module", ["proxy.cli", "proxy.sessions.session", "elements.sdk", "elements.passthrough"])
 def test_the_default_is_set_before_grpc_loads_and_grpc_knows_every_name(module: str) -> None:
     result = _first_grpc_import(module, _environment_without_experiments())
     assert result.returncode == 0, result.stderr

@@ -2,7 +2,7 @@
 
 Two hosts joined by a veth pair (tests/netns.py): a "client" host and a "pod" host.
 The pod runs an app server, the logger element, the proxy and the rules of
-`python -m proxy.iptables install` in its own namespace, like a sidecar; the client
+`python -m proxy.interception.iptables install` in its own namespace, like a sidecar; the client
 host runs the servers that the pod's app dials (outbound) and the client that dials
 the pod's app (inbound).
 
@@ -163,7 +163,7 @@ class Topology:
         argv = ("--outbound-port", str(spec.outbound), "--inbound-port", str(spec.inbound), *spec.exclusion, *extra)
         if argv != self.installed:
             self.installed = None
-            run_in(self.hosts.pod.ns, [sys.executable, "-m", "proxy.iptables", "install", *argv])
+            run_in(self.hosts.pod.ns, [sys.executable, "-m", "proxy.interception.iptables", "install", *argv])
             self.installed = argv
 
 
@@ -202,7 +202,7 @@ def topo() -> Iterator[Topology]:
             proc.wait_for_output('"ready"')
         for proc in proxies.values():
             proc.wait_for_output("element-proxy ready", timeout=15)
-        stack.callback(run_in, pod.ns, [sys.executable, "-m", "proxy.iptables", "uninstall"], check=False)
+        stack.callback(run_in, pod.ns, [sys.executable, "-m", "proxy.interception.iptables", "uninstall"], check=False)
         yield Topology(hosts, servers, app, logger, proxies)
 
 

@@ -21,8 +21,8 @@ import pytest
 
 from tests.netns import TwoHosts, namespace, run_in, two_hosts
 from tests.procs import REPO, Proc
-from proxy import iptables
-from proxy.iptables_rules import Family, our_rules, uninstall_commands
+from proxy.interception import iptables
+from proxy.interception.iptables_rules import Family, our_rules, uninstall_commands
 
 TOOLS = str(REPO / "tests" / "capture_tools.py")
 NOBODY = 65534
@@ -195,7 +195,7 @@ def test_uninstall_removes_jumps_then_chains_and_nothing_else() -> None:
 
 def cli(argv: list[str], env: dict[str, str] | None = None,
         prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*(prefix or []), sys.executable, "-m", "proxy.iptables", *argv], capture_output=True,
+    return subprocess.run([*(prefix or []), sys.executable, "-m", "proxy.interception.iptables", *argv], capture_output=True,
                           text=True, cwd=REPO, env={**os.environ, **(env or {})}, timeout=30)
 
 
@@ -256,7 +256,7 @@ def test_install_is_idempotent_uninstall_restores_and_dry_run_is_exact(
         before = nat_save(ns)
         listed = {family: run_in(ns, [family.binary, "-t", "nat", "-S"]).stdout.splitlines() for family in Family}
 
-        applied = run_in(ns, [sys.executable, "-m", "proxy.iptables", "install", *INSTALL_ARGS]).stdout
+        applied = run_in(ns, [sys.executable, "-m", "proxy.interception.iptables", "install", *INSTALL_ARGS]).stdout
         once = nat_save(ns)
         assert applied.splitlines() == planned
         for family in Family:
@@ -265,16 +265,16 @@ def test_install_is_idempotent_uninstall_restores_and_dry_run_is_exact(
             prefix = f"{family.binary} -t nat "
             wanted = [line.removeprefix(prefix) for line in planned if line.startswith(prefix)]
             assert by_chain(added) == by_chain(wanted)
-        shown = run_in(ns, [sys.executable, "-m", "proxy.iptables", "show"]).stdout
+        shown = run_in(ns, [sys.executable, "-m", "proxy.interception.iptables", "show"]).stdout
         assert sum(line.startswith("-") for line in shown.splitlines()) == len(planned)
 
-        run_in(ns, [sys.executable, "-m", "proxy.iptables", "install", *INSTALL_ARGS])
+        run_in(ns, [sys.executable, "-m", "proxy.interception.iptables", "install", *INSTALL_ARGS])
         assert nat_save(ns) == once
-        removal = run_in(ns, [sys.executable, "-m", "proxy.iptables", "uninstall", "--dry-run"]).stdout
+        removal = run_in(ns, [sys.executable, "-m", "proxy.interception.iptables", "uninstall", "--dry-run"]).stdout
         assert nat_save(ns) == once
-        assert run_in(ns, [sys.executable, "-m", "proxy.iptables", "uninstall"]).stdout == removal
+        assert run_in(ns, [sys.executable, "-m", "proxy.interception.iptables", "uninstall"]).stdout == removal
         assert nat_save(ns) == before
-        assert run_in(ns, [sys.executable, "-m", "proxy.iptables", "uninstall"]).stdout == ""
+        assert run_in(ns, [sys.executable, "-m", "proxy.interception.iptables", "uninstall"]).stdout == ""
 
 
 @needs_root
@@ -286,7 +286,7 @@ def test_failed_install_names_the_command_and_removes_the_partial_install(tmp_pa
     fake.chmod(0o755)
     with namespace("fail") as ns:
         before = nat_save(ns)
-        done = run_in(ns, ["env", f"PATH={tmp_path}:{os.environ['PATH']}", sys.executable, "-m", "proxy.iptables",
+        done = run_in(ns, ["env", f"PATH={tmp_path}:{os.environ['PATH']}", sys.executable, "-m", "proxy.interception.iptables",
                            "install", "--exclude-uid", "1337"], check=False)
         assert done.returncode == 1, done.stderr
         failed = "`ip6tables -t nat -A EP_PREROUTING -p tcp -m tcp --dport 15006 -j RETURN` failed with exit 4"
@@ -380,7 +380,7 @@ def test_interception(case: Case) -> None:
     with two_hosts() as hosts, \
             start(ns_of(hosts, case.server), "serve", "--port", str(APP_PORT)) as server, \
             start(hosts.pod.ns, "forward", *case.forwarder) as forwarder:
-        run_in(hosts.pod.ns, [sys.executable, "-m", "proxy.iptables", "install", *case.install])
+        run_in(hosts.pod.ns, [sys.executable, "-m", "proxy.interception.iptables", "install", *case.install])
         result = dial(ns_of(hosts, case.dialer), address(hosts, case.target))
 
         assert "error" not in result and result["reply"], (result, forwarder.output())
@@ -402,7 +402,7 @@ def test_without_the_right_exclusion_the_forwarder_loops() -> None:
     with two_hosts() as hosts, \
             start(hosts.client.ns, "serve", "--port", str(APP_PORT)) as server, \
             start(hosts.pod.ns, "forward", "--uid", str(NOBODY), "--gid", str(NOBODY), "--max-conns", "3") as forwarder:
-        run_in(hosts.pod.ns, [sys.executable, "-m", "proxy.iptables", "install", "--exclude-uid", "4242"])
+        run_in(hosts.pod.ns, [sys.executable, "-m", "proxy.interception.iptables", "install", "--exclude-uid", "4242"])
         result = dial(hosts.pod.ns, hosts.client.v4)
         assert "reply" not in result or result["reply"] is None
         assert len(events(forwarder, "conn")) > 3

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from proxy.origdst import SOCKADDR_IN6_SIZE, SOCKADDR_IN_SIZE, original_destination, parse_sockaddr
+from proxy.interception.origdst import SOCKADDR_IN6_SIZE, SOCKADDR_IN_SIZE, original_destination, parse_sockaddr
 
 
 def sockaddr_in(ip: str, port: int) -> bytes:

@@ -642,10 +642,10 @@ def test_a_session_whose_write_fails_first_reconnects(monkeypatch: pytest.Monkey
     """The race behind an occasional 'session never comes back' after a SIGKILL under load, made
     deterministic: the write fails before the read notices the end of the stream."""
     from elements.api import element_pb2 as pb
-    from proxy import session as session_module
+    from proxy.sessions import session as session_module
     from proxy.chain import Direction
     from proxy.config import ElementConfig
-    from proxy.validate import VerdictLimits
+    from proxy.sessions.validate import VerdictLimits
 
     opened: list[_FinishedCall] = []
     verdicts: list[tuple[int, int]] = []
@@ -692,10 +692,10 @@ def test_a_session_hit_by_an_unexpected_error_logs_it_and_redials(
     """A bug of ours inside the session (here: encoding a batch raises once) must not leave the
     element unused until the proxy restarts: the pending event gets the failure policy, the
     traceback is logged, and the next event reaches the real element."""
-    from proxy import session as session_module
+    from proxy.sessions import session as session_module
     from proxy.chain import Action, Direction
     from proxy.config import ElementConfig
-    from proxy.validate import VerdictLimits
+    from proxy.sessions.validate import VerdictLimits
 
     _, address = h.element(PASSTHROUGH)
     verdicts: list[tuple[int, int]] = []

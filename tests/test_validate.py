@@ -1,11 +1,11 @@
-"""What the proxy accepts from an element, rule by rule: Descriptions and verdicts (proxy/validate.py)."""
+"""What the proxy accepts from an element, rule by rule: Descriptions and verdicts (proxy/sessions/validate.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from elements.api import element_pb2 as pb
-from proxy.validate import VerdictLimits, description_problem, verdict_problem
+from proxy.sessions.validate import VerdictLimits, description_problem, verdict_problem
 
 LIMITS = VerdictLimits(replacement_bytes=100, metadata_entries=3, metadata_key_bytes=8, metadata_value_bytes=16,
                        metadata_bytes=30)

@@ -1,4 +1,4 @@
-"""The hand-encoded SessionRequest (proxy/wire.py) is what the generated classes read, and the
+"""The hand-encoded SessionRequest (proxy/sessions/wire.py) is what the generated classes read, and the
 pending-bytes queue (chain.Pending) cuts reads into chunks without losing or reordering a byte."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from elements.api import element_pb2 as pb
 from proxy.chain import Pending
-from proxy.wire import (
+from proxy.sessions.wire import (
     close_event,
     data_event,
     encoded_size,

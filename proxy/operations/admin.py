@@ -14,9 +14,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from proxy import metrics, stats
+from proxy.operations import metrics, stats
 from proxy.config import HostPort
-from proxy.listen_errors import cannot_listen
+from proxy.net.listen_errors import cannot_listen
 
 log = logging.getLogger("proxy.admin")
 

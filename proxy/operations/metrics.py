@@ -8,7 +8,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from proxy.stats import LATENCY_BUCKETS
+from proxy.operations.stats import LATENCY_BUCKETS
 
 
 class _SnapshotCollector:

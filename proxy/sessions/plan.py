@@ -11,8 +11,8 @@ import asyncio
 from elements.api import element_pb2 as pb
 from proxy.chain import ChainPlan, Direction, Stage
 from proxy.config import ElementConfig
-from proxy.session import ElementSession
-from proxy.validate import VerdictLimits
+from proxy.sessions.session import ElementSession
+from proxy.sessions.validate import VerdictLimits
 
 
 def plan_for(descriptions: list[pb.Description | None], names: tuple[str, ...] = (),

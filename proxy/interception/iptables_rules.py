@@ -1,7 +1,7 @@
 """The nat rules that hand a host's TCP to the proxy, as pure data.
 
 Everything here maps a frozen `Capture` config (or the text of `iptables -t nat -S`)
-to argv lists, so every option is unit-tested without root; `proxy/iptables.py` only
+to argv lists, so every option is unit-tested without root; `proxy/interception/iptables.py` only
 runs the lists. The rules live in chains of our own, reached by one jump rule from
 `nat OUTPUT` and one from `nat PREROUTING`, so removing them restores the ruleset
 exactly (the layout of Istio's istio-iptables).

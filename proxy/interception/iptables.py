@@ -1,6 +1,6 @@
 """`element-proxy iptables install | uninstall | show`: the init step of a sidecar deployment.
 
-The rules themselves are built in `proxy/iptables_rules.py`; this module parses the
+The rules themselves are built in `proxy/interception/iptables_rules.py`; this module parses the
 command line, checks what running them needs (root, the binaries), runs them one by
 one and names the command that failed. It never leaves half an install behind: a
 failed install removes what it added.
@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn, TextIO, TypeVar
 
-from proxy.iptables_rules import (
+from proxy.interception.iptables_rules import (
     MAX_ID, Capture, ConfigError, Family, install_commands, our_rules, parse_marks, parse_networks,
     parse_port, parse_port_ranges, parse_port_selection, render, split_items, uninstall_commands,
 )

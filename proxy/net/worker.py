@@ -17,14 +17,14 @@ import socket
 import time
 from typing import Any
 
-from proxy.acceptor import Acceptor, listening_socket
+from proxy.net.acceptor import Acceptor, listening_socket
 from proxy.chain import LaneLimits, Outcome
 from proxy.config import HostPort, ProxyConfig, check_message_size, describe
-from proxy.connection import Accepted, ClientSide, Connection
-from proxy.listen_errors import cannot_listen
-from proxy.logs import fields
-from proxy.plan import Chain
-from proxy.validate import VerdictLimits
+from proxy.net.connection import Accepted, ClientSide, Connection
+from proxy.net.listen_errors import cannot_listen
+from proxy.operations.logs import fields
+from proxy.sessions.plan import Chain
+from proxy.sessions.validate import VerdictLimits
 
 log = logging.getLogger("proxy")
 

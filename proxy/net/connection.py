@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from elements.api import element_pb2 as pb
-from proxy.acceptor import LINGER_RESET
+from proxy.net.acceptor import LINGER_RESET
 from proxy.chain import Direction, Flow, Outcome, Payload, VerdictTarget
 from proxy.config import HostPort
-from proxy.logs import fields
-from proxy.origdst import original_destination
+from proxy.operations.logs import fields
+from proxy.interception.origdst import original_destination
 
 if TYPE_CHECKING:
-    from proxy.worker import Worker
+    from proxy.net.worker import Worker
 
 log = logging.getLogger("proxy.connection")
 

@@ -18,9 +18,9 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from proxy import admin
+from proxy.operations import admin
 from proxy.config import ProxyConfig, describe
-from proxy.listen_errors import CannotListen
+from proxy.net.listen_errors import CannotListen
 
 log = logging.getLogger("proxy")
 

@@ -27,14 +27,14 @@ import grpc
 
 from elements.api import element_pb2 as pb
 from elements.api import element_pb2_grpc as pb_grpc
-from proxy.breaker import Breaker
+from proxy.sessions.breaker import Breaker
 from proxy.chain import Action, Direction, Flow, Outcome, Payload, Resumed, VerdictTarget
 from proxy.config import MAX_MESSAGE_BYTES, ElementConfig
-from proxy.faultlog import FaultLog
-from proxy.logs import fields
-from proxy.stats import ElementStats
-from proxy.validate import VerdictLimits, description_problem, verdict_problem
-from proxy.wire import (
+from proxy.sessions.faultlog import FaultLog
+from proxy.operations.logs import fields
+from proxy.operations.stats import ElementStats
+from proxy.sessions.validate import VerdictLimits, description_problem, verdict_problem
+from proxy.sessions.wire import (
     EncodedEvent,
     close_event,
     data_event,
