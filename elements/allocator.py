@@ -29,9 +29,10 @@ TRIM_THRESHOLD_BYTES = 8 * 1024 * 1024
 
 def _mallopt() -> Callable[[int, int], int] | None:
     try:
-        return ctypes.CDLL(None).mallopt  # type: ignore[no-any-return]
+        mallopt: Callable[[int, int], int] = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return None  # not glibc
+    return mallopt
 
 
 def keep_buffers_on_heap() -> bool:

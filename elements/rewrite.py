@@ -45,7 +45,8 @@ class Rewriter:
         buf = held + data if held else data
         partial = [] if final else [i for i in range(max(0, len(buf) - self.longest + 1), len(buf))
                                     if buf[i:] in self.prefixes]
-        out, pos = [], 0
+        out: list[bytes] = []
+        pos = 0
         for match in self.regex.finditer(buf):
             if match.start() >= _first_at_or_after(partial, pos, len(buf)):
                 break

@@ -248,36 +248,12 @@ def build(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, A
 
     `flags` holds only what was given on the command line (None values are absent).
     """
-    merged: dict[str, Any] = dict(file)
-    env_keys = {"TARGET_ADDR": "target", "LOG_LEVEL": "log_level", "LOG_FORMAT": "log_format"}
-    for variable, key in env_keys.items():
-        if env.get(variable):
-            merged[key] = env[variable]
-    merged.update({k: v for k, v in flags.items() if v is not None and k != "element"})
-
-    listen_values = merged.get("listen", list(DEFAULT_LISTEN))
-    if isinstance(listen_values, str) or not isinstance(listen_values, list) or not listen_values:
-        raise ConfigError(f"listen: {_shown(listen_values)} must be a non-empty list of \"HOST:PORT\"")
-    listen = tuple(parse_host_port("listen", _typed("listen", a, str), require_ip=True) for a in listen_values)
-
-    target = merged.get("target")
-    element_defaults = {k: v for k, v in (("failure", flags.get("element_failure")),
-                                          ("timeout_ms", flags.get("element_timeout_ms"))) if v is not None}
-    if flags.get("element"):
-        elements = _elements("--element", flags["element"], flags["element"], element_defaults)
-    elif env.get("ELEMENTS", "").strip():
-        elements = _elements("ELEMENTS", env["ELEMENTS"].split(","), env["ELEMENTS"], element_defaults)
-    else:
-        tables = file.get("element", [])
-        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-            raise ConfigError("element: must be an array of tables ([[element]] with address = \"HOST:PORT\")")
-        elements = tuple(_checked_element(f"element[{i}]", t) for i, t in enumerate(tables))
-
+    merged = _merged(file, env, flags)
     defaults = ProxyConfig()
     config = ProxyConfig(
-        listen=listen,
-        target=_target(target),
-        elements=elements,
+        listen=_listen(merged.get("listen", list(DEFAULT_LISTEN))),
+        elements=_chain(file, env, flags),
+        target=_target(merged.get("target")),
         upstream_mark=_mark(merged.get("upstream_mark", 0)),
         event_loop=_choice("event_loop", merged.get("event_loop", defaults.event_loop), EVENT_LOOPS),
         admin=_admin(merged.get("admin", str(defaults.admin))),
@@ -285,11 +261,53 @@ def build(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, A
         log_format=_choice("log_format (LOG_FORMAT)", merged.get("log_format", defaults.log_format), LOG_FORMATS),
         **{key: limit.check(key, merged.get(key, getattr(defaults, key))) for key, limit in LIMITS.items()},
     )
-    if config.high_water < config.chunk_size:
-        raise ConfigError(f"high_water: {config.high_water} must be at least chunk_size ({config.chunk_size})")
+    _check_high_water(config)
     _check_addresses(config)
     check_message_size(config)
     return config
+
+
+# The seed's environment variables and the settings they stand for.
+_ENV_KEYS = {"TARGET_ADDR": "target", "LOG_LEVEL": "log_level", "LOG_FORMAT": "log_format"}
+# --element-failure and --element-timeout-ms, and the option each sets on every --element or
+# ELEMENTS element (a file's [[element]] table sets its own).
+_ELEMENT_FLAGS = {"element_failure": "failure", "element_timeout_ms": "timeout_ms"}
+
+
+def _merged(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, Any]) -> dict[str, Any]:
+    """Every setting but the elements, each from the source of highest precedence that gives it."""
+    merged: dict[str, Any] = dict(file)
+    merged.update({key: env[variable] for variable, key in _ENV_KEYS.items() if env.get(variable)})
+    merged.update({k: v for k, v in flags.items() if v is not None and k != "element"})
+    return merged
+
+
+def _listen(values: Any) -> tuple[HostPort, ...]:
+    if isinstance(values, str) or not isinstance(values, list) or not values:
+        raise ConfigError(f"listen: {_shown(values)} must be a non-empty list of \"HOST:PORT\"")
+    return tuple(parse_host_port("listen", _typed("listen", a, str), require_ip=True) for a in values)
+
+
+def _chain(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, Any]) -> tuple[ElementConfig, ...]:
+    """The chain comes whole from one source, the highest given: a flag's elements replace
+    ELEMENTS, which replaces the file's, so no chain is pieced together from two lists."""
+    defaults = {key: flags[flag] for flag, key in _ELEMENT_FLAGS.items() if flags.get(flag) is not None}
+    if flags.get("element"):
+        return _elements("--element", flags["element"], flags["element"], defaults)
+    if env.get("ELEMENTS", "").strip():
+        return _elements("ELEMENTS", env["ELEMENTS"].split(","), env["ELEMENTS"], defaults)
+    return _element_tables(file.get("element", []))
+
+
+def _element_tables(tables: Any) -> tuple[ElementConfig, ...]:
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError("element: must be an array of tables ([[element]] with address = \"HOST:PORT\")")
+    return tuple(_checked_element(f"element[{i}]", t) for i, t in enumerate(tables))
+
+
+def _check_high_water(config: ProxyConfig) -> None:
+    if config.high_water < config.chunk_size:
+        raise ConfigError(f"high_water: {config.high_water} must be at least chunk_size ({config.chunk_size})")
 
 
 def _target(value: Any) -> HostPort | None:

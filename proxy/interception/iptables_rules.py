@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -161,27 +162,31 @@ class Capture:
     ipv6: bool = True
 
     def __post_init__(self) -> None:
-        if self.outbound_port == self.inbound_port:
-            raise ConfigError(
-                f"--outbound-port and --inbound-port are both {self.outbound_port}; "
-                "the proxy tells the directions apart by port, so give them different ports"
-            )
-        if not (self.outbound or self.inbound):
-            raise ConfigError("--no-outbound and --no-inbound together capture nothing; drop one of them")
-        if not (self.ipv4 or self.ipv6):
-            raise ConfigError("--no-ipv4 and --no-ipv6 together capture nothing; drop one of them")
-        if self.outbound and not (self.exclude_uids or self.exclude_gids or self.exclude_marks):
-            raise ConfigError(
-                "outbound capture needs --exclude-uid, --exclude-gid or --exclude-mark matching the proxy, "
-                "otherwise its own upstream connections are captured again (a loop); "
-                "give one of them, or --no-outbound"
-            )
-        if self.outbound_ports == () or self.inbound_ports == ():
-            raise ConfigError("--outbound-ports and --inbound-ports need at least one port, or * for all")
+        for refused, message in _REFUSED:
+            if refused(self):
+                raise ConfigError(message.format(capture=self))
 
     @property
     def families(self) -> tuple[Family, ...]:
         return tuple(family for family, on in ((Family.V4, self.ipv4), (Family.V6, self.ipv6)) if on)
+
+
+# Each row: options that cannot work together, and the message that refuses them.
+_REFUSED: tuple[tuple[Callable[[Capture], bool], str], ...] = (
+    (lambda c: c.outbound_port == c.inbound_port,
+     "--outbound-port and --inbound-port are both {capture.outbound_port}; "
+     "the proxy tells the directions apart by port, so give them different ports"),
+    (lambda c: not (c.outbound or c.inbound),
+     "--no-outbound and --no-inbound together capture nothing; drop one of them"),
+    (lambda c: not (c.ipv4 or c.ipv6),
+     "--no-ipv4 and --no-ipv6 together capture nothing; drop one of them"),
+    (lambda c: c.outbound and not (c.exclude_uids or c.exclude_gids or c.exclude_marks),
+     "outbound capture needs --exclude-uid, --exclude-gid or --exclude-mark matching the proxy, "
+     "otherwise its own upstream connections are captured again (a loop); "
+     "give one of them, or --no-outbound"),
+    (lambda c: c.outbound_ports == () or c.inbound_ports == (),
+     "--outbound-ports and --inbound-ports need at least one port, or * for all"),
+)
 
 
 def _tcp(port_range: PortRange | None) -> list[str]:
@@ -190,27 +195,49 @@ def _tcp(port_range: PortRange | None) -> list[str]:
 
 def _outbound_rules(capture: Capture, family: Family) -> list[list[str]]:
     """EP_OUTPUT: the proxy's own traffic and exclusions return first, the rest is redirected."""
-    rules = [["-m", "owner", "--uid-owner", str(uid), "-j", "RETURN"] for uid in capture.exclude_uids]
-    rules += [["-m", "owner", "--gid-owner", str(gid), "-j", "RETURN"] for gid in capture.exclude_gids]
-    rules += [["-m", "mark", "--mark", str(mark), "-j", "RETURN"] for mark in capture.exclude_marks]
-    if capture.capture_loopback:
-        rules += [["-o", "lo", *_tcp(PortRange(port, port)), "-j", "RETURN"]
-                  for port in (capture.outbound_port, capture.inbound_port)]
-    else:
-        rules.append(["-o", "lo", "-j", "RETURN"])
-    rules += [["-d", str(net), "-j", "RETURN"] for net in capture.exclude_cidrs if net.version == family.version]
-    rules += [[*_tcp(ports), "-j", "RETURN"] for ports in capture.exclude_outbound_ports]
-    rules += [[*_tcp(ports), "-j", REDIRECT_CHAIN] for ports in capture.outbound_ports or [None]]
+    rules = [*_owner_returns(capture), *_loopback_returns(capture),
+             *_network_returns("-d", capture.exclude_cidrs, family),
+             *_port_returns(capture.exclude_outbound_ports), *_jumps(capture.outbound_ports, REDIRECT_CHAIN)]
     return [["-A", OUTPUT_CHAIN, *rule] for rule in rules]
 
 
 def _inbound_rules(capture: Capture, family: Family) -> list[list[str]]:
     """EP_PREROUTING: connections straight to the proxy's ports and exclusions return first."""
-    rules = [[*_tcp(PortRange(port, port)), "-j", "RETURN"] for port in (capture.inbound_port, capture.outbound_port)]
-    rules += [["-s", str(net), "-j", "RETURN"] for net in capture.exclude_cidrs if net.version == family.version]
-    rules += [[*_tcp(ports), "-j", "RETURN"] for ports in capture.exclude_inbound_ports]
-    rules += [[*_tcp(ports), "-j", INBOUND_REDIRECT_CHAIN] for ports in capture.inbound_ports or [None]]
+    rules = [*_proxy_port_returns(capture.inbound_port, capture.outbound_port),
+             *_network_returns("-s", capture.exclude_cidrs, family),
+             *_port_returns(capture.exclude_inbound_ports), *_jumps(capture.inbound_ports, INBOUND_REDIRECT_CHAIN)]
     return [["-A", PREROUTING_CHAIN, *rule] for rule in rules]
+
+
+def _owner_returns(capture: Capture) -> list[list[str]]:
+    """The proxy's own upstream connections, told apart by its uid, gid or mark."""
+    matches = (("owner", "--uid-owner", capture.exclude_uids), ("owner", "--gid-owner", capture.exclude_gids),
+               ("mark", "--mark", capture.exclude_marks))
+    return [["-m", module, option, str(value), "-j", "RETURN"] for module, option, values in matches for value in values]
+
+
+def _loopback_returns(capture: Capture) -> list[list[str]]:
+    """Loopback stays uncaptured, or with --capture-loopback, only connections to the proxy's ports do."""
+    if not capture.capture_loopback:
+        return [["-o", "lo", "-j", "RETURN"]]
+    return [["-o", "lo", *rule] for rule in _proxy_port_returns(capture.outbound_port, capture.inbound_port)]
+
+
+def _proxy_port_returns(*ports: int) -> list[list[str]]:
+    return [[*_tcp(PortRange(port, port)), "-j", "RETURN"] for port in ports]
+
+
+def _network_returns(option: str, networks: tuple[Network, ...], family: Family) -> list[list[str]]:
+    return [[option, str(net), "-j", "RETURN"] for net in networks if net.version == family.version]
+
+
+def _port_returns(excluded: tuple[PortRange, ...]) -> list[list[str]]:
+    return [[*_tcp(ports), "-j", "RETURN"] for ports in excluded]
+
+
+def _jumps(selected: tuple[PortRange, ...] | None, chain: str) -> list[list[str]]:
+    """Into the redirect chain: the selected ports, or every port (None)."""
+    return [[*_tcp(ports), "-j", chain] for ports in selected or [None]]
 
 
 def _redirect(chain: str, port: int) -> list[list[str]]:
@@ -257,10 +284,18 @@ def uninstall_commands(family: Family, rules_text: str) -> list[list[str]]:
     the jumps first (capture stops at once), then flush every chain of ours, then delete them
     (a chain still referenced by another cannot be deleted)."""
     rules = [shlex.split(line) for line in _lines(rules_text)]
-    present = [rule[1] for rule in rules if rule[0] == "-N" and rule[1] in CHAINS]
-    jumps = [["-D", *rule[1:]] for rule in rules if rule[0] == "-A" and rule[1] not in CHAINS and _is_ours(rule)]
-    steps = jumps + [["-F", chain] for chain in present] + [["-X", chain] for chain in present]
+    present = _our_chains(rules)
+    steps = _our_jumps(rules) + [["-F", chain] for chain in present] + [["-X", chain] for chain in present]
     return [[family.binary, "-t", "nat", *step] for step in steps]
+
+
+def _our_chains(rules: list[list[str]]) -> list[str]:
+    return [rule[1] for rule in rules if rule[0] == "-N" and rule[1] in CHAINS]
+
+
+def _our_jumps(rules: list[list[str]]) -> list[list[str]]:
+    """Deletions of the rules outside our chains that jump into one."""
+    return [["-D", *rule[1:]] for rule in rules if rule[0] == "-A" and rule[1] not in CHAINS and _is_ours(rule)]
 
 
 def render(commands: list[list[str]]) -> str:
