@@ -106,9 +106,11 @@ class Workers:
         self._forward(signal.SIGTERM)
 
     async def _reap(self) -> None:
-        """STOP_GRACE seconds to drain their connections, then SIGKILL for the rest."""
-        try:
-            await asyncio.wait_for(asyncio.gather(*self.waits), STOP_GRACE)
-        except TimeoutError:
+        """STOP_GRACE seconds to drain their connections, then SIGKILL for the rest.
+
+        asyncio.wait, not wait_for: on timeout wait_for cancels the waits, and the rest
+        could not be reaped."""
+        _, running = await asyncio.wait(self.waits, timeout=STOP_GRACE)
+        if running:
             self._forward(signal.SIGKILL)
-            await asyncio.gather(*self.waits)
+            await asyncio.gather(*running)
