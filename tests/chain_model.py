@@ -1,4 +1,4 @@
-"""A recording FlowOutput for proxy/chain.py and a reference model of what the chain should do.
+"""A recorder for proxy/chain (socket side, element ports and peer in one) and a reference model of what the chain should do.
 
 The recorder is a plain class: every call becomes a small frozen dataclass in `calls`, so
 scripted tests compare lists and a failing assert shows the whole difference. Calls that
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from proxy.chain import Action, ChainPlan, Direction, Flow, Lane, LaneLimits, Outcome, Stage, VerdictTarget
+from proxy.chain import Action, ChainPlan, Direction, Flow, Lane, LaneLimits, LaneState, Outcome, Stage, VerdictTarget
 
 REQ = Direction.REQUEST
 RESP = Direction.RESPONSE
@@ -90,12 +90,53 @@ class Ask:
     eos: bool = False
 
 
+class RecordingPort:
+    """Element `element`'s port (chain.ElementPort): every call is recorded by the Recorder."""
+
+    def __init__(self, recorder: Recorder, element: int) -> None:
+        self.recorder = recorder
+        self.element = element
+
+    def track(self, connection: object) -> None:
+        self.recorder.track(self.element)
+
+    def send_open(self, connection: object, metadata: Mapping[str, str], target: VerdictTarget | None,
+                  pos: int) -> None:
+        self.recorder.send_open(self.element, metadata, target, pos)
+
+    def send_data(self, connection_id: str, seq: int, direction: Direction, data: bytes, end_of_stream: bool,
+                  metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None:
+        self.recorder.send_data(self.element, seq, direction, data, end_of_stream, metadata, target, pos)
+
+    def send_close(self, connection: object, outcome: Outcome) -> None:
+        self.recorder.send_close(self.element, outcome)
+
+
+class Ports:
+    """As many element ports as a plan names, made on first use."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.made: dict[int, RecordingPort] = {}
+
+    def __getitem__(self, element: int) -> RecordingPort:
+        if element not in self.made:
+            self.made[element] = RecordingPort(self.recorder, element)
+        return self.made[element]
+
+
 class Recorder:
-    """A FlowOutput that records. It calls back into the Flow only through `on_ask`, which a
-    property test sets to answer some events at once, from inside send_open/send_data (what an
-    adapter does when an element's session is down and its policy is fail-open)."""
+    """The flow's socket side, its element ports (`ports`) and its peer, recording every call. It
+    calls back into the Flow only through `on_ask`, which a property test sets to answer some
+    events at once, from inside send_open/send_data (what a session does when it is down and
+    its policy is fail-open)."""
+
+    id = "c"
+    request_bytes = 0
+    response_bytes = 0
 
     def __init__(self) -> None:
+        self.ports = Ports(self)
         self.on_ask: Callable[[Ask], None] | None = None
         self.calls: list[Call] = []
         self.asks: list[Ask] = []
@@ -161,7 +202,7 @@ class Harness:
 
     def __init__(self, plan: ChainPlan, limits: LaneLimits = LaneLimits()) -> None:
         self.out = Recorder()
-        self.flow = Flow(plan, limits, self.out)
+        self.flow = flow_for(plan, limits, self.out)
         self._taken = 0
 
     def take(self) -> list[Call]:
@@ -207,35 +248,53 @@ class SpyLane(Lane):
     chunks is the lane's own business (TCP has no boundaries), so the model takes the cut as
     given and checks everything downstream of it."""
 
-    __slots__ = ("units",)
+    __slots__ = ("units", "eof_out", "stopped")
 
     def __init__(self, *args: object) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
         self.units: list[Unit] = []
+        self.eof_out = False
+        self.stopped = False  # an element closed the connection after it opened: input stopped
+
+    def stop_input(self, drop_from_seq: int | None) -> None:
+        self.stopped = True
+        super().stop_input(drop_from_seq)
 
     def _dispatch(self, data: bytes, eos: bool) -> None:
         self.units.append(Unit(self.flow.seq + 1, bytes(data), eos))
         super()._dispatch(data, eos)
 
     def feed(self, data: bytes) -> None:
-        accepted = self.input_open and not self.flow.ended
+        accepted = self.state is LaneState.READING
         units, pending = len(self.units), len(self.pending)
         super().feed(data)
         if accepted and len(self.units) == units and len(self.pending) <= pending:
             self.units.append(Unit(None, bytes(data), False))
 
     def feed_eof(self) -> None:
-        accepted = self.input_open and not self.flow.ended
-        units, written = len(self.units), self.eof_written
+        accepted = self.state is LaneState.READING
+        units, written = len(self.units), self.eof_out
         super().feed_eof()
-        if accepted and len(self.units) == units and self.eof_written and not written:
+        if accepted and len(self.units) == units and self.eof_out and not written:
             self.units.append(Unit(None, b"", True))
+
+    def _write_eof(self) -> None:
+        if self.state is not LaneState.DONE and self.state is not LaneState.ENDED:
+            self.eof_out = True
+        super()._write_eof()
+
+
+def flow_for(plan: ChainPlan, limits: LaneLimits, out: Recorder) -> Flow:
+    """A Flow whose sockets, elements and peer are all the recorder."""
+    flow = Flow(plan, limits, out, out.ports, out)  # type: ignore[arg-type]
+    out.flow = flow
+    return flow
 
 
 def spy_flow(plan: ChainPlan, limits: LaneLimits, out: Recorder) -> Flow:
-    flow = Flow(plan, limits, out)
-    flow.request = SpyLane(flow, REQ, plan.request, limits, out)
-    flow.response = SpyLane(flow, RESP, plan.response, limits, out)
+    flow = flow_for(plan, limits, out)
+    flow.request = SpyLane(flow, REQ, plan.request, limits)
+    flow.response = SpyLane(flow, RESP, plan.response, limits)
     return flow
 
 

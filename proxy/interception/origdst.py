@@ -20,7 +20,8 @@ SOCKADDR_IN6_SIZE = 28
 
 
 class SockOpts(Protocol):
-    family: int
+    @property
+    def family(self) -> int: ...
 
     def getsockopt(self, level: int, option: int, buflen: int) -> bytes: ...
 

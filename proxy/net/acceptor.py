@@ -124,7 +124,8 @@ class Acceptor:
             self.on_accepted(conn, client)
 
     def _accept(self) -> tuple[AcceptedSocket, tuple[str, int]]:
-        fd, client = self.sock._accept()  # socket.accept() minus its reads of family and type
+        # socket.accept() minus its reads of family and type (under churn, per connection)
+        fd, client = self.sock._accept()  # type: ignore[attr-defined]
         accepted = self._accepted_class
         return accepted(accepted.family, socket.SOCK_STREAM, 0, fd), client
 

@@ -18,17 +18,15 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import Any, cast
 
 from elements.api import element_pb2 as pb
 from proxy.net.acceptor import LINGER_RESET
-from proxy.chain import Direction, Flow, Outcome, Payload, VerdictTarget
+from proxy.chain import Direction, Flow, LaneLimits, Outcome, Payload
 from proxy.config import HostPort
 from proxy.operations.logs import fields
+from proxy.sessions.plan import Chain
 from proxy.interception.origdst import original_destination
-
-if TYPE_CHECKING:
-    from proxy.net.worker import Worker
 
 log = logging.getLogger("proxy.connection")
 
@@ -56,7 +54,7 @@ def _address(host_port: tuple[str, int]) -> pb.Address:
     return pb.Address(ip=host_port[0], port=host_port[1])
 
 
-async def _resolve(loop: asyncio.AbstractEventLoop, destination: HostPort) -> tuple[int, tuple[str, int]]:
+async def _resolve(loop: asyncio.AbstractEventLoop, destination: HostPort) -> tuple[int, tuple[Any, ...]]:
     """The socket family and address to dial; only a host name costs a lookup."""
     if destination.is_ip:
         return (socket.AF_INET6 if ":" in destination.host else socket.AF_INET), (destination.host, destination.port)
@@ -122,17 +120,33 @@ class _Side(asyncio.Protocol):
         self.conn.writable_again(self.reads)
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionContext:
+    """What a connection needs of its worker, and no way back into it: the worker builds one and
+    replaces it when a reload swaps the chain (a connection keeps the one it started with)."""
+
+    loop: asyncio.AbstractEventLoop
+    next_id: Callable[[], str]
+    chain: Chain
+    limits: LaneLimits
+    target: HostPort | None
+    connect_timeout_ms: int
+    upstream_mark: int
+    opened: Callable[[Connection], None]
+    closed: Callable[[Connection, Outcome], None]
+
+
 class ClientSide(_Side):
     """Accepted socket (the worker refused it already if it had to): creating the Connection
     is all connection_made does."""
 
-    def __init__(self, worker: Worker, accepted: Accepted) -> None:
-        self.worker = worker
+    def __init__(self, context: ConnectionContext, accepted: Accepted) -> None:
+        self.context = context
         self.accepted = accepted
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.reads = Direction.REQUEST
-        self.conn = Connection(self.worker, self.accepted, cast(asyncio.Transport, transport))
+        self.conn = Connection(self.context, self.accepted, cast(asyncio.Transport, transport))
         self.lane = self.conn.flow.request
         self.conn.start()
         self.conn.loop.call_soon(self.conn.reassert_pauses)
@@ -180,26 +194,26 @@ class Accepted:
 
 
 class Connection:
-    """Implements chain.FlowOutput with real sockets."""
+    """The flow's socket side (chain.SocketSide) with real sockets, and the connection as its
+    elements are told about it (chain.Peer)."""
 
-    def __init__(self, worker: Worker, accepted: Accepted, client: asyncio.Transport) -> None:
-        self.worker = worker
-        self.loop = worker.loop
-        self.id = worker.ids.next()
+    def __init__(self, context: ConnectionContext, accepted: Accepted, client: asyncio.Transport) -> None:
+        self.context = context
+        self.loop = context.loop
+        self.id = context.next_id()
         self.accepted = accepted
         self.client: asyncio.Transport = client
         self.upstream: asyncio.Transport | None = None
-        self.chain = worker.chain
+        self.chain = context.chain
         self.chain.acquire()
-        self.sessions = self.chain.sessions
-        self.flow = Flow(self.chain.plan, worker.limits, self)
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.flow: Flow = Flow(self.chain.plan, context.limits, self, self.chain.sessions, self)
         self.paused = {Direction.REQUEST: 0, Direction.RESPONSE: PAUSE_STARTING}
         self.eof_after_drain: set[Direction] = set()
         self.early: list[Payload] = []
         self.early_bytes = 0
         self.early_eof = False
-        self.request_bytes = 0
-        self.response_bytes = 0
         self.started = self.last_active = time.monotonic()
         self.destination: HostPort | None = None
         self.dial_task: asyncio.Task[None] | None = None
@@ -207,12 +221,12 @@ class Connection:
 
     def start(self) -> None:
         self.pause(Direction.REQUEST, PAUSE_STARTING)
-        self.worker.opened(self)
+        self.context.opened(self)
         redirected_to = self.accepted.redirected_to()
         if redirected_to is not None:
             self.destination = redirected_to
-        elif self.worker.config.target is not None:
-            self.destination = self.worker.config.target
+        elif self.context.target is not None:
+            self.destination = self.context.target
         else:
             self._log_open()
             self.flow.reset(Outcome.NOT_REDIRECTED, "not redirected (its original destination is the proxy's own "
@@ -234,36 +248,23 @@ class Connection:
             conn=self.id, client=str(HostPort(*self.accepted.client)), destination=str(self.destination),
             listener=str(self.accepted.listener)))
 
-    # --- chain.FlowOutput -------------------------------------------------------------
+    # --- chain.Peer ---------------------------------------------------------------------
 
-    def send_open(self, element: int, metadata: Mapping[str, str], target: VerdictTarget | None, pos: int) -> None:
-        self.sessions[element].send_open(self._open_event(metadata), target, pos)
-
-    def resumed_open(self) -> pb.OpenEvent:
-        """The Open event that announces this connection to a new session of an element it uses."""
-        event = self._open_event(self.flow.open_metadata)
-        event.resumed = True
-        event.request_bytes = self.request_bytes
-        event.response_bytes = self.response_bytes
-        return event
-
-    def _open_event(self, metadata: Mapping[str, str]) -> pb.OpenEvent:
+    def open_event(self, metadata: Mapping[str, str], resumed: bool) -> pb.OpenEvent:
+        """The Open event for this connection; a resumed one carries the bytes written so far."""
         destination = self.destination
         assert destination is not None
-        return pb.OpenEvent(connection_id=self.id, client=_address(self.accepted.client),
-                            original_destination=pb.Address(ip=destination.host, port=destination.port),
-                            listener=pb.Address(ip=self.accepted.listener.host, port=self.accepted.listener.port),
-                            metadata=metadata)
+        event = pb.OpenEvent(connection_id=self.id, client=_address(self.accepted.client),
+                             original_destination=pb.Address(ip=destination.host, port=destination.port),
+                             listener=pb.Address(ip=self.accepted.listener.host, port=self.accepted.listener.port),
+                             metadata=metadata)
+        if resumed:
+            event.resumed = True
+            event.request_bytes = self.request_bytes
+            event.response_bytes = self.response_bytes
+        return event
 
-    def track(self, element: int) -> None:
-        self.sessions[element].track(self.id, self)
-
-    def send_data(self, element: int, seq: int, direction: Direction, data: Payload, end_of_stream: bool,
-                  metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None:
-        self.sessions[element].send_data(self.id, seq, direction, data, end_of_stream, metadata, target, pos)
-
-    def send_close(self, element: int, outcome: Outcome) -> None:
-        self.sessions[element].send_close(self.id, outcome, self.request_bytes, self.response_bytes)
+    # --- chain.SocketSide ---------------------------------------------------------------
 
     def writer(self, direction: Direction) -> Callable[[Payload], None]:
         return self._write_request if direction == Direction.REQUEST else self._write_response
@@ -273,7 +274,7 @@ class Connection:
         if self.upstream is None:
             self.early.append(data)
             self.early_bytes += len(data)
-            if self.early_bytes >= self.worker.limits.high_water:
+            if self.early_bytes >= self.context.limits.high_water:
                 self.pause(Direction.REQUEST, PAUSE_STARTING)
             return
         self.upstream.write(data)
@@ -311,7 +312,7 @@ class Connection:
         else:
             _abort_with_rst(self.client)
             _abort_with_rst(self.upstream)
-        self.worker.closed(self, outcome)
+        self.context.closed(self, outcome)
         self.chain.release()
         level = logging.INFO if outcome in _ROUTINE_OUTCOMES else logging.WARNING
         if not log.isEnabledFor(level):
@@ -329,18 +330,18 @@ class Connection:
         (asyncio.timeout cost 4% of the proxy's time under connection churn)."""
         destination = self.destination
         assert destination is not None
-        config = self.worker.config
+        context = self.context
         loop = self.loop
         sock: socket.socket | None = None
-        timer = loop.call_later(config.connect_timeout_ms / 1000, self._dial_expired)
+        timer = loop.call_later(context.connect_timeout_ms / 1000, self._dial_expired)
         try:
-            if not config.upstream_mark:
+            if not context.upstream_mark:
                 await loop.create_connection(lambda: UpstreamSide(self), destination.host, destination.port)
                 return
             family, address = await _resolve(loop, destination)
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, config.upstream_mark)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, context.upstream_mark)
             await loop.sock_connect(sock, address)
             timer.cancel()
             await loop.create_connection(lambda: UpstreamSide(self), sock=sock)

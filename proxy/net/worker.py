@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -20,7 +21,7 @@ from typing import Any
 from proxy.net.acceptor import Acceptor, listening_socket
 from proxy.chain import LaneLimits, Outcome
 from proxy.config import HostPort, ProxyConfig, check_message_size, describe
-from proxy.net.connection import Accepted, ClientSide, Connection
+from proxy.net.connection import Accepted, ClientSide, Connection, ConnectionContext
 from proxy.net.listen_errors import cannot_listen
 from proxy.operations.logs import fields
 from proxy.sessions.plan import Chain
@@ -53,6 +54,8 @@ class Worker:
         self.ids = ConnectionIds()
         self.verdict_limits = verdict_limits(config)
         self.chain = Chain(config.elements, self.verdict_limits)
+        self.context = ConnectionContext(self.loop, self.ids.next, self.chain, self.limits, config.target,
+                                         config.connect_timeout_ms, config.upstream_mark, self.opened, self.closed)
         self.connections: dict[str, Connection] = {}
         self.acceptors: list[Acceptor] = []
         self.accepted = {str(address): 0 for address in config.listen}
@@ -72,9 +75,7 @@ class Worker:
                 sock = listening_socket(address, reuse_port)
             except OSError as error:
                 raise cannot_listen("listen", address, "--listen / listen", error) from error
-            acceptor = Acceptor(sock, self.refusal,
-                                lambda sock, client, address=address: self._serve(sock, address, client),
-                                self.refuse)
+            acceptor = Acceptor(sock, self.refusal, functools.partial(self._serve, listener=address), self.refuse)
             acceptor.start()
             self.acceptors.append(acceptor)
             log.info("listening", extra=fields(address=str(address)))
@@ -82,7 +83,7 @@ class Worker:
         if self.config.idle_timeout_ms or self.config.max_duration_ms:
             self._sweeper = asyncio.create_task(self._sweep())
 
-    def _serve(self, sock: socket.socket, listener: HostPort, client: tuple[str, int]) -> None:
+    def _serve(self, sock: socket.socket, client: tuple[str, int], listener: HostPort) -> None:
         self.starting += 1
         self.loop.create_task(self._start_connection(Accepted.take(sock, listener, client)))
 
@@ -90,7 +91,8 @@ class Worker:
         """Wraps an accepted socket in a transport; connection_made creates the Connection."""
         sock = accepted.sock
         try:
-            await self.loop.connect_accepted_socket(lambda: ClientSide(self, accepted), sock)
+            context = self.context
+            await self.loop.connect_accepted_socket(lambda: ClientSide(context, accepted), sock)
         except OSError as error:
             log.info("accepted connection lost before it started", extra=fields(error=str(error)))
             sock.close()
@@ -184,6 +186,7 @@ class Worker:
         chain = Chain(config.elements, self.verdict_limits)
         await _start_chain(chain)
         old, self.chain = self.chain, chain
+        self.context = dataclasses.replace(self.context, chain=chain)
         self.config = dataclasses.replace(self.config, elements=config.elements)
         old.retire()
         log.info("reload: new connections use the new chain", extra=fields(
@@ -220,7 +223,7 @@ def verdict_limits(config: ProxyConfig) -> VerdictLimits:
 async def _start_chain(chain: Chain) -> None:
     chain.start()
     deadline = time.monotonic() + STARTUP_WAIT
-    while not chain.all_up and time.monotonic() < deadline:
+    while not chain.settled and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     for session in chain.sessions:
         if not session.up:

@@ -70,8 +70,10 @@ class Chain:
             session.start()
 
     @property
-    def all_up(self) -> bool:
-        return all(session.up for session in self.sessions)
+    def settled(self) -> bool:
+        """Every element answered: its session is up, or its Describe was refused (which only a
+        restart of the element changes, so start-up does not wait for it)."""
+        return all(session.up or session.problem is not None for session in self.sessions)
 
     async def stop(self) -> None:
         for session in self.sessions:

@@ -20,15 +20,14 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping
 
 import grpc
 
 from elements.api import element_pb2 as pb
 from elements.api import element_pb2_grpc as pb_grpc
 from proxy.sessions.breaker import Breaker
-from proxy.chain import Action, Direction, Flow, Outcome, Payload, Resumed, VerdictTarget
+from proxy.chain import Action, Direction, Outcome, Payload, Peer, Resumed, VerdictTarget
 from proxy.config import MAX_MESSAGE_BYTES, ElementConfig
 from proxy.sessions.faultlog import FaultLog
 from proxy.operations.logs import fields
@@ -90,14 +89,6 @@ _UNANSWERED = {"session_down": "session down", "breaker_open": "circuit breaker 
 Waiter = tuple[VerdictTarget, int, int, float]  # target, its stage position, sequence, sent at (monotonic)
 
 
-class Live(Protocol):
-    """A connection as a session needs it to announce it to a new session."""
-
-    flow: Flow
-
-    def resumed_open(self) -> pb.OpenEvent: ...
-
-
 class InvalidDescription(Exception):
     """The element described itself in a way the proxy cannot honour; the message says how."""
 
@@ -120,7 +111,7 @@ class ElementSession:
         self._limits = limits
         self._max_replacement = limits.replacement_bytes
         self._on_describe = on_describe
-        self._live: dict[str, Live] = {}  # connections that sent this element an event, until their Close
+        self._live: dict[str, Peer] = {}  # connections that sent this element an event, until their Close
         self._closes_while_down: deque[EncodedEvent] = deque()
         self._outbox: list[EncodedEvent] = []
         self._outbox_bytes = 0
@@ -145,12 +136,14 @@ class ElementSession:
         await self.breaker.stop()
         self._fail_all("proxy_stopping")
 
-    def track(self, connection_id: str, connection: Live) -> None:
+    def track(self, connection: Peer) -> None:
         """The connection sends this element its first event: announce it to every later session."""
-        self._live[connection_id] = connection
+        self._live[connection.id] = connection
 
-    def send_open(self, event: pb.OpenEvent, target: VerdictTarget | None, pos: int) -> None:
-        self._send(message_event(pb.Event(open=event)), "open", event.connection_id, 0, target, pos)
+    def send_open(self, connection: Peer, metadata: Mapping[str, str], target: VerdictTarget | None,
+                  pos: int) -> None:
+        event = connection.open_event(metadata, False)
+        self._send(message_event(pb.Event(open=event)), "open", connection.id, 0, target, pos)
 
     def send_data(self, connection_id: str, seq: int, direction: Direction, data: Payload, end_of_stream: bool,
                   metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None:
@@ -160,9 +153,9 @@ class ElementSession:
         self._send(data_event(connection_id, seq, direction, data, end_of_stream, metadata), "data",
                    connection_id, seq, target, pos)
 
-    def send_close(self, connection_id: str, outcome: Outcome, request_bytes: int, response_bytes: int) -> None:
-        self._live.pop(connection_id, None)
-        event = close_event(connection_id, outcome, request_bytes, response_bytes)
+    def send_close(self, connection: Peer, outcome: Outcome) -> None:
+        self._live.pop(connection.id, None)
+        event = close_event(connection.id, outcome, connection.request_bytes, connection.response_bytes)
         if self.up:
             self.stats.events["close"] += 1
             self._queue(event)
@@ -245,6 +238,11 @@ class ElementSession:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_CAP)
 
+    def _where(self) -> str:
+        """The element in a log line: its name, and its address when the name is not that."""
+        address = self.config.address
+        return address if self.name == address else f"{self.name} at {address}"
+
     def _accept(self, description: pb.Description) -> None:
         """Takes the element's Description, or raises InvalidDescription: an element the proxy cannot
         honour is planned like an unreachable one, so its failure policy decides every event."""
@@ -253,13 +251,12 @@ class ElementSession:
             if problem != self.problem:
                 self.problem = problem
                 self.description = None
-                log.warning("element %s at %s: invalid Describe, %s; treated as unreachable, failure policy %s "
-                            "applies until it describes itself validly", self.name, self.config.address, problem,
-                            self.config.failure)
+                log.warning("element %s: invalid Describe, %s; treated as unreachable, failure policy %s "
+                            "applies until it describes itself validly", self._where(), problem, self.config.failure)
                 self._on_describe()
             raise InvalidDescription(problem)
         if self.problem is not None:
-            log.info("element %s at %s: Describe valid again", self.name, self.config.address)
+            log.info("element %s: Describe valid again", self._where())
             self.problem = None
         self.description = description
         self.name = self.config.name or description.name or self.config.address
@@ -285,7 +282,7 @@ class ElementSession:
                 key = (connection_id, 0)
                 self._pending[key] = (Resumed(connection.flow), self.index, 0, now)
                 self._deadlines.append((now + self._timeout, key))
-            self._queue(message_event(pb.Event(open=connection.resumed_open())))
+            self._queue(message_event(pb.Event(open=connection.open_event(connection.flow.open_metadata, True))))
         self.up = True
         log.info("element %s session up at %s", self.name, self.config.address,
                  extra=fields(resumed=len(self._live) or None, closes_delivered=len(closes) or None))
@@ -350,33 +347,36 @@ class ElementSession:
         return batch
 
     async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:
-        pending = self._pending
-        stats = self.stats
-        breaker = self.breaker
         while True:
             response = await call.read()
             if response is grpc.aio.EOF:
                 return
-            now = time.monotonic()
-            for verdict in response.verdicts:
-                waiter = pending.pop((verdict.connection_id, verdict.sequence), None)
-                if waiter is None:
-                    self._stray(verdict)
+            self._take_verdicts(response.verdicts)
+
+    def _take_verdicts(self, verdicts: Iterable[pb.Verdict]) -> None:
+        """Hands each verdict to whoever waits for it, once it passed validate.py's checks (only a
+        verdict with metadata, replacement bytes near the limit or an odd action is looked at)."""
+        pending = self._pending
+        now = time.monotonic()
+        for verdict in verdicts:
+            waiter = pending.pop((verdict.connection_id, verdict.sequence), None)
+            if waiter is None:
+                self._stray(verdict)
+                continue
+            target, pos, seq, sent_at = waiter
+            action = verdict.action
+            key = _VERDICT_KEYS.get((seq == 0, action))
+            data = verdict.data if verdict.HasField("data") else None
+            metadata = verdict.metadata
+            if key is None or metadata or data is not None and len(data) > self._max_replacement:
+                problem = verdict_problem(action, data, metadata, self._limits)
+                if problem is not None:
+                    self._invalid(waiter, verdict, *problem)
                     continue
-                target, pos, seq, sent_at = waiter
-                action = verdict.action
-                key = _VERDICT_KEYS.get((seq == 0, action))
-                data = verdict.data if verdict.HasField("data") else None
-                metadata = verdict.metadata
-                if key is None or metadata or data is not None and len(data) > self._max_replacement:
-                    problem = verdict_problem(action, data, metadata, self._limits)
-                    if problem is not None:
-                        self._invalid(waiter, verdict, *problem)
-                        continue
-                    assert key is not None
-                breaker.succeeded(now)
-                stats.verdict(key, now - sent_at)
-                target.on_verdict(pos, seq, action, data, dict(metadata) if metadata else None)
+                assert key is not None
+            self.breaker.succeeded(now)
+            self.stats.verdict(key, now - sent_at)
+            target.on_verdict(pos, seq, action, data, dict(metadata) if metadata else None)
 
     def _invalid(self, waiter: Waiter, verdict: pb.Verdict, cause: str, detail: str) -> None:
         """A verdict the proxy must not follow: the failure policy answers for that event alone."""

@@ -68,13 +68,19 @@ def verdict_problem(action: int, data: bytes | None, metadata: Mapping[str, str]
     return None
 
 
+def _utf8_size(text: str, limit: int) -> int:
+    """Its UTF-8 size, or just its length when that alone is over `limit` (a character is at least
+    one byte): a 10 MB value is refused without a 10 MB copy."""
+    return len(text) if len(text) > limit else len(text.encode())
+
+
 def _metadata_problem(metadata: Mapping[str, str], limits: VerdictLimits) -> tuple[str, str] | None:
     if len(metadata) > limits.metadata_entries:
         return "metadata_too_big", f"{len(metadata)} metadata entries, over max_metadata_entries " \
                                    f"({limits.metadata_entries})"
     total = 0
     for key, value in metadata.items():
-        key_bytes, value_bytes = len(key.encode()), len(value.encode())
+        key_bytes, value_bytes = _utf8_size(key, limits.metadata_key_bytes), _utf8_size(value, limits.metadata_value_bytes)
         if key_bytes > limits.metadata_key_bytes:
             return "metadata_too_big", f"metadata key {_shown(key)} of {key_bytes} bytes, over " \
                                        f"max_metadata_key_bytes ({limits.metadata_key_bytes})"
