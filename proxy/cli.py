@@ -21,7 +21,7 @@ from typing import Any
 from elements.allocator import limit_arenas
 from proxy import config as cfg
 from proxy.operations import admin, logs, supervisor
-from proxy.net.listen_errors import CannotListen
+from proxy.operations.listen_errors import CannotListen
 from proxy.net.worker import Worker
 
 log = logging.getLogger("proxy")

@@ -47,6 +47,10 @@ RULES: dict[int, Rule] = {
 }
 
 
+# What an element may answer: every row but the proxy's own FAIL (sessions/validate.py refuses the rest).
+WIRE_ACTIONS = tuple(Action(action) for action in RULES if action != Action.FAIL)
+
+
 def rule(action: int) -> Rule:
     """The row of `action`. The sessions let only known actions through (sessions/validate.py), so
     an unknown one here is a bug: it ends the connection as a failure that names it."""

@@ -22,7 +22,7 @@ from proxy.net.acceptor import Acceptor, listening_socket
 from proxy.chain import LaneLimits, Outcome
 from proxy.config import HostPort, ProxyConfig, check_message_size, describe
 from proxy.net.connection import Accepted, ClientSide, Connection, ConnectionContext
-from proxy.net.listen_errors import cannot_listen
+from proxy.operations.listen_errors import cannot_listen
 from proxy.operations.logs import fields
 from proxy.sessions.plan import Chain
 from proxy.sessions.validate import VerdictLimits

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from proxy.operations import metrics, stats
 from proxy.config import HostPort
-from proxy.net.listen_errors import cannot_listen
+from proxy.operations.listen_errors import cannot_listen
 
 log = logging.getLogger("proxy.admin")
 

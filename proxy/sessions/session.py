@@ -28,6 +28,7 @@ from elements.api import element_pb2 as pb
 from elements.api import element_pb2_grpc as pb_grpc
 from proxy.sessions.breaker import Breaker
 from proxy.chain import Action, Direction, Outcome, Payload, Peer, Resumed, VerdictTarget
+from proxy.chain.verdicts import WIRE_ACTIONS
 from proxy.config import MAX_MESSAGE_BYTES, ElementConfig
 from proxy.sessions.faultlog import FaultLog
 from proxy.operations.logs import fields
@@ -77,7 +78,7 @@ CHANNEL_OPTIONS = [
 # The stats key of a verdict by (is it Open's, action): looked up, not formatted, per verdict.
 # An action missing here is one the proxy does not know.
 _VERDICT_KEYS = {(is_open, int(action)): f"{'open' if is_open else 'data'}/{action.name.lower()}"
-                 for is_open in (True, False) for action in (Action.PASS, Action.DROP, Action.CLOSE, Action.RESET)}
+                 for is_open in (True, False) for action in WIRE_ACTIONS}
 
 # What trips the breaker: failures that cost a wait or show a broken element. A session
 # that is down already fails every event at once, so tripping on it would save nothing.

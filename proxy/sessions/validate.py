@@ -14,12 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from elements.api import element_pb2 as pb
+from proxy.chain.verdicts import WIRE_ACTIONS
 
 NAME_MAX = 64
 _NAME = re.compile(r"[A-Za-z0-9._-]*")
 _DIRECTIONS = frozenset((pb.DIRECTION_REQUEST, pb.DIRECTION_RESPONSE))
 _MODES = frozenset((pb.MODE_UNSPECIFIED, pb.MODE_INLINE, pb.MODE_OBSERVE))
-_ACTIONS = frozenset((pb.ACTION_PASS, pb.ACTION_DROP, pb.ACTION_CLOSE, pb.ACTION_RESET))
+_ACTIONS = frozenset(WIRE_ACTIONS)
+_ACTION_NAMES = ", ".join(action.name for action in WIRE_ACTIONS[:-1]) + f" or {WIRE_ACTIONS[-1].name}"
 _SHOWN = 40  # characters of a bad value quoted in a log line
 
 
@@ -59,7 +61,7 @@ def verdict_problem(action: int, data: bytes | None, metadata: Mapping[str, str]
     """(cause, detail) when the verdict is invalid, else None. Cheap for the common verdict:
     a known action, no replacement or a small one, no metadata."""
     if action not in _ACTIONS:
-        return "bad_action", f"action {action} is not PASS, DROP, CLOSE or RESET"
+        return "bad_action", f"action {action} is not {_ACTION_NAMES}"
     if data is not None and len(data) > limits.replacement_bytes:
         return "replacement_too_big", f"{len(data)} replacement bytes, over max_replacement_bytes " \
                                       f"({limits.replacement_bytes})"
