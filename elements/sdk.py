@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from elements import logs
 from elements.api import element_pb2 as pb
 from elements.api import element_pb2_grpc as pb_grpc
 
@@ -521,6 +522,14 @@ def _listen_port(text: str) -> int:
     return 0 if text == "0" else port_number(text)
 
 
+def _from_env(parser: argparse.ArgumentParser, name: str, default: str, allowed: tuple[str, ...]) -> str:
+    """An option's default from the environment; argparse checks choices only of given options."""
+    value = os.environ.get(name, default).lower()
+    if value not in allowed:
+        parser.error(f"{name}={value!r}: allowed are {', '.join(allowed)}")
+    return value
+
+
 def run(element_class: type[Element], argv: list[str] | None = None) -> None:
     """The `python -m elements.<name>` entry point: options, logging, then `serve`."""
     module = sys.modules[element_class.__module__]
@@ -531,12 +540,14 @@ def run(element_class: type[Element], argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=_listen_port, default=DEFAULT_PORT,
                         help="port to listen on, 0 for any (default: %(default)s)")
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info").lower(),
-                        choices=["debug", "info", "warning", "error"],
-                        help="default: $LOG_LEVEL or info")
+    parser.add_argument("--log-level", default=_from_env(parser, "LOG_LEVEL", "info", logs.LOG_LEVELS),
+                        choices=logs.LOG_LEVELS, help="default: $LOG_LEVEL or info")
+    parser.add_argument("--log-format", default=_from_env(parser, "LOG_FORMAT", "console", logs.LOG_FORMATS),
+                        choices=logs.LOG_FORMATS,
+                        help="console or json, the proxy's formats (default: $LOG_FORMAT or console)")
     element_class.add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level, args.log_format)
     try:
         element = element_class.from_args(args)
         element.describe()

@@ -117,10 +117,10 @@ def port_open(host: str, port: int, netns: str | None = None) -> bool:
 
 
 def start_element(module: str, *args: str, port: int | None = None, netns: str | None = None,
-                  host: str = "127.0.0.1") -> tuple[Proc, int]:
+                  host: str = "127.0.0.1", env: dict[str, str] | None = None) -> tuple[Proc, int]:
     """Starts `python -m <module> --port P ...` and waits until it serves."""
     port = port or free_port()
-    proc = Proc([sys.executable, "-m", module, "--port", str(port), *args], netns=netns)
+    proc = Proc([sys.executable, "-m", module, "--port", str(port), *args], env=env, netns=netns)
     try:
         proc.wait_for_port(host, port)
     except BaseException:
