@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,7 +97,7 @@ class Proc:
         self.stop()
 
 
-def stop_popen(popen: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+def stop_popen(popen: subprocess.Popen[Any], timeout: float = 10.0) -> int:
     """Stops a child we started, by its PID: SIGTERM, then SIGKILL after `timeout`."""
     if popen.poll() is None:
         os.kill(popen.pid, signal.SIGTERM)
