@@ -93,13 +93,15 @@ async def _serve(config: cfg.ProxyConfig, argv: Sequence[str]) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(worker, argv)))
     admin_server: asyncio.AbstractServer | None = None
     try:
-        await worker.start(reuse_port=supervisor.is_worker())
+        # The admin endpoint first: a taken admin port (a second proxy on the host) fails before
+        # any listener is opened or logged; until the listeners are up /readyz says so.
         socket_path = supervisor.admin_socket()
         if socket_path:
             admin_server = await asyncio.start_unix_server(admin.handler(admin.WorkerSource(worker)), socket_path)
         elif config.admin:
             admin_server = await admin.serve(admin.WorkerSource(worker), config.admin)
             log.info("admin endpoint", extra=logs.fields(address=f"http://{config.admin}/"))
+        await worker.start(reuse_port=supervisor.is_worker())
         log.info("element-proxy ready", extra=logs.fields(**cfg.describe(config)))
         # What start-up allocated (gRPC, protobuf, modules) lives as long as the process:
         # out of the collector's sight, the collections that connections trigger stay small.
