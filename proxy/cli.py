@@ -30,7 +30,7 @@ ENVIRONMENT_HELP = """environment:
   TARGET_ADDR   HOST:PORT to dial when a connection was not redirected (no original destination)
   ELEMENTS      comma-separated element addresses, in chain order (when no --element is given)
   LOG_LEVEL     debug (default) | info | warning | error
-  LOG_FORMAT    console (default) | json
+  LOG_FORMAT    console (default) | json; SDK elements and the demo read it too
   MALLOC_ARENA_MAX  glibc malloc arenas; unset, the proxy uses 2 (less memory, same speed)
   MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_  glibc malloc; both unset, 4 MiB and 8 MiB
                     (big buffers stay on the heap: fewer page faults per chunk)
