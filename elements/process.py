@@ -37,7 +37,8 @@ def data_events(request: pb.ProcessRequest, connection_id: str) -> list[pb.DataE
         return [_single(request, connection_id)]
     if request.HasField("data") or request.text:
         raise BadProcessRequest("give either `chunks` or `data`/`text`, not both")
-    events, ended = [], {}
+    events: list[pb.DataEvent] = []
+    ended: dict[int, int] = {}  # direction -> the chunk that ended it
     for number, chunk in enumerate(request.chunks, 1):
         direction = chunk.direction or pb.DIRECTION_REQUEST
         if direction in ended:

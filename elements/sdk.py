@@ -392,7 +392,9 @@ class _Servicer(pb_grpc.ElementServicer):
         try:
             return await process(self.element, request)
         except process_rpc.BadProcessRequest as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details(str(error))
+            return pb.ProcessResponse()
 
 
 async def _read(request_iterator: Any, dispatcher: Dispatcher) -> None:

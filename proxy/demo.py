@@ -25,7 +25,7 @@ from proxy import logs
 from proxy.config import LOG_FORMATS, ElementConfig, HostPort, ProxyConfig
 from proxy.worker import Worker
 
-ELEMENTS = (
+ELEMENTS: tuple[tuple[str, list[str]], ...] = (
     ("logger", []),
     ("firewall", ["--pattern", "DROP TABLE", "--direction", "request"]),
     ("rewrite", ["--from", "hello", "--to", "howdy", "--direction", "request"]),

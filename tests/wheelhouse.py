@@ -31,7 +31,7 @@ def requirements_of(pyproject: Path) -> list[Requirement]:
 
 def closure(roots: list[Requirement]) -> list[metadata.Distribution]:
     """The installed distributions that satisfy `roots` and what they require in turn."""
-    environment = {**default_environment(), "extra": ""}
+    environment = {key: str(value) for key, value in default_environment().items()} | {"extra": ""}
     found: dict[str, metadata.Distribution] = {}
     pending = list(roots)
     while pending:
