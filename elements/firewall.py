@@ -12,12 +12,21 @@ response or both; default both). All options repeat. TCP splits streams anywhere
 so each connection and direction keeps its last bytes (the longest literal minus
 one, or `--regex-window` bytes when there are regexes, default 4096) and searches
 them together with the next chunk: a pattern split across chunks is still caught.
+
+That kept tail is lost when the firewall restarts. So a connection the proxy
+announces as resumed (already under way when this firewall's session began) is reset
+when there are patterns to match, since a pattern split across the restart would slip
+through; `--accept-resumed` keeps such connections (its destination is still checked).
+Byte patterns match bytes: they cannot know that Redis commands are case-insensitive
+(`flushall` is FLUSHALL) or that SQL allows comments between keywords. Use `(?i)`
+regexes for the first and a protocol-aware guard element where the protocol matters.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import re
 from collections.abc import Iterable
 from typing import Self
@@ -29,6 +38,8 @@ DIRECTIONS = {"request": (Direction.REQUEST,), "response": (Direction.RESPONSE,)
               "both": (Direction.REQUEST, Direction.RESPONSE)}
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+log = logging.getLogger("elements.firewall")
+
 
 class Firewall(Element):
     """Inline, wants Open: a destination ACL plus a byte-pattern matcher."""
@@ -39,7 +50,7 @@ class Firewall(Element):
     def __init__(self, deny_cidrs: Iterable[Network] = (), deny_ports: Iterable[int] = (),
                  open_action: str = "reset", patterns: Iterable[bytes] = (),
                  regexes: Iterable[re.Pattern[bytes]] = (), action: str = "reset",
-                 direction: str = "both", regex_window: int = 4096) -> None:
+                 direction: str = "both", regex_window: int = 4096, accept_resumed: bool = False) -> None:
         patterns, regexes = list(patterns), list(regexes)
         if b"" in patterns:
             raise ValueError("--pattern '': an empty pattern would match every chunk")
@@ -51,6 +62,7 @@ class Firewall(Element):
         literal = [re.compile(b"|".join(re.escape(p) for p in patterns))] if patterns else []
         self.matchers = literal + regexes
         self.window = max([len(p) - 1 for p in patterns] + ([regex_window] if regexes else []), default=0)
+        self.accept_resumed = accept_resumed
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -65,15 +77,23 @@ class Firewall(Element):
         add("--action", choices=list(VERDICTS), default="reset", help="verdict on a match")
         add("--direction", choices=list(DIRECTIONS), default="both", help="where to look for matches")
         add("--regex-window", type=int, default=4096, metavar="N", help="bytes kept across chunks for regexes")
+        add("--accept-resumed", action="store_true",
+            help="keep connections already under way when this firewall (re)started, though a pattern split "
+                 "across the restart goes unseen (default: reset them when there are patterns)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Self:
         if args.regex_window < 0:
             raise ValueError(f"--regex-window {args.regex_window}: must be 0 or more")
         return cls(args.deny_cidr, args.deny_port, args.open_action, args.pattern + args.pattern_hex, args.regex,
-                   args.action, args.direction, args.regex_window)
+                   args.action, args.direction, args.regex_window, args.accept_resumed)
 
     def on_open(self, conn: Connection) -> Verdict | None:
+        if conn.resumed and self.matchers and not self.accept_resumed:
+            log.info("connection %s resumed after %d/%d bytes: reset, its earlier bytes were not seen by this "
+                     "firewall (--accept-resumed keeps such connections)", conn.id, conn.request_bytes,
+                     conn.response_bytes)
+            return Reset()
         destination = conn.original_destination
         if destination.port in self.deny_ports or self._denied_ip(destination.ip):
             return self.open_verdict

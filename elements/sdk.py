@@ -75,6 +75,9 @@ class CloseReason(enum.IntEnum):
     PEER_RESET = pb.CLOSE_REASON_PEER_RESET
     UPSTREAM_UNREACHABLE = pb.CLOSE_REASON_UPSTREAM_UNREACHABLE
     FAILURE = pb.CLOSE_REASON_FAILURE
+    IDLE_TIMEOUT = pb.CLOSE_REASON_IDLE_TIMEOUT
+    MAX_DURATION = pb.CLOSE_REASON_MAX_DURATION
+    PROXY_STOPPING = pb.CLOSE_REASON_PROXY_STOPPING
 
 
 # A dict lookup, not Direction(value): this runs for every chunk.
@@ -99,6 +102,9 @@ class Connection:
 
     `metadata` accumulates the metadata of its Open and Data events; `state` is the
     element's own per-connection scratch space, dropped with the connection.
+    `resumed` is set when the proxy announced the connection to this session after it
+    had started (an element restart, a reconnect): whatever the element kept about its
+    earlier bytes (`request_bytes`/`response_bytes` of them were written) is not here.
     """
 
     id: str
@@ -107,6 +113,9 @@ class Connection:
     listener: Address = Address()
     metadata: dict[str, str] = field(default_factory=dict)
     state: dict[Any, Any] = field(default_factory=dict)
+    resumed: bool = False
+    request_bytes: int = 0
+    response_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -176,7 +185,9 @@ class Element:
         return cls()
 
     def on_open(self, conn: Connection) -> HookResult:
-        """A connection was accepted (only when `wants_open`); may reject it before dialing."""
+        """A connection was accepted (only when `wants_open`); may reject it before dialing.
+        Also called with `conn.resumed` for a connection already under way when this session
+        began: CLOSE or RESET end it, None keeps it."""
         return None
 
     def on_data(self, conn: Connection, chunk: Chunk) -> HookResult:
@@ -311,6 +322,8 @@ class Dispatcher:
             conn.client = Address(body.client.ip, body.client.port)
             conn.original_destination = Address(body.original_destination.ip, body.original_destination.port)
             conn.listener = Address(body.listener.ip, body.listener.port)
+            conn.resumed = body.resumed
+            conn.request_bytes, conn.response_bytes = body.request_bytes, body.response_bytes
             conn.metadata.update(body.metadata)
             return element.on_open(conn) if element.wants_open else None
         return element.on_close(conn, _close_reason(body.reason), body.request_bytes, body.response_bytes)
@@ -403,14 +416,18 @@ async def _read(request_iterator: Any, dispatcher: Dispatcher) -> None:
 
 
 async def _write(context: grpc.aio.ServicerContext, dispatcher: Dispatcher) -> None:
-    """The stream's one writer: sends whatever verdicts gathered meanwhile as one message."""
+    """The stream's one writer: sends whatever verdicts gathered meanwhile as one message.
+
+    `closed` is read before the outbox is taken: verdicts added while a write was awaited
+    (the last hooks finishing as the stream ends) must still go out in one more message."""
     while True:
         await dispatcher.ready.wait()
         dispatcher.ready.clear()
+        closed = dispatcher.closed
         response = dispatcher.take()
         if response.verdicts:
             await context.write(response)
-        if dispatcher.closed:
+        if closed:
             return
 
 

@@ -109,6 +109,10 @@ class FlowOutput(Protocol):
 
     def send_close(self, element: int, outcome: Outcome) -> None: ...
 
+    def track(self, element: int) -> None:
+        """The connection is about to send element its first event: from now on it uses that element
+        (a new session of the element is told about it, and it gets the Close)."""
+
     def writer(self, direction: Direction) -> Callable[[Payload], None]:
         """What writes this direction's bytes out; asked once per lane, so a chunk's way out
         skips a dispatch on its direction (the whole per-read cost of an empty chain)."""
@@ -330,7 +334,8 @@ class Lane:
             self.seen[pos] += len(chunk.data)
             if stage.byte_limit and self.seen[pos] >= stage.byte_limit:
                 self._check_passthrough()
-            self.flow.touched.add(stage.element)
+            if stage.element not in self.flow.touched:
+                self.flow.use(stage.element)
             if stage.inline:
                 fifo.append(chunk)
                 self.out.send_data(stage.element, chunk.seq, self.direction, chunk.data, chunk.eos,
@@ -421,6 +426,11 @@ class Flow:
         self.closing = False
         self.open_waiting = -1
 
+    def use(self, element: int) -> None:
+        """The first event of this connection for `element` is on its way."""
+        self.touched.add(element)
+        self.out.track(element)
+
     def next_seq(self) -> int:
         self.seq += 1
         return self.seq
@@ -438,7 +448,8 @@ class Flow:
         stages = self.plan.open
         while pos < len(stages):
             stage = stages[pos]
-            self.touched.add(stage.element)
+            if stage.element not in self.touched:
+                self.use(stage.element)
             if stage.inline:
                 self.open_waiting = pos
                 self.out.send_open(stage.element, self.open_metadata, self, pos)
@@ -467,6 +478,25 @@ class Flow:
         else:
             self._end(Outcome.FAILURE, f"element {element} failed on open (fail-closed)")
 
+    def on_resumed_verdict(self, element: int, action: int) -> None:
+        """A verdict on the resumed Open a new session of `element` was sent: CLOSE and RESET end
+        the connection as they would mid-stream (nothing of it is waiting on that verdict)."""
+        if self.ended or action in (Action.PASS, Action.DROP):
+            return
+        name = self.plan.name(element)
+        if action == Action.CLOSE:
+            if not self.opened:
+                self._end(Outcome.CLOSED_BY_ELEMENT, f"element {name} closed it on resume")
+                return
+            self.closing = True
+            self.request.stop_input(None)
+            if not self.ended:
+                self.response.stop_input(None)
+        elif action == Action.RESET:
+            self.reset(Outcome.RESET_BY_ELEMENT, f"element {name} reset it on resume")
+        else:
+            self.reset(Outcome.FAILURE, f"element {name} failed on resume (fail-closed)")
+
     def close_by_element(self, lane: Lane, seq: int, element: int) -> None:
         """ACTION_CLOSE: drop from `seq` on in `lane`, drain both lanes, then FIN both ways."""
         if not self.opened:
@@ -493,3 +523,16 @@ class Flow:
         for element in sorted(self.touched):
             self.out.send_close(element, outcome)
         self.out.finish(outcome, detail)
+
+
+class Resumed:
+    """Where the verdict on a resumed Open goes: `pos` is the element's index in the chain."""
+
+    __slots__ = ("flow",)
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+
+    def on_verdict(self, pos: int, seq: int, action: int, data: bytes | None,
+                   metadata: Mapping[str, str] | None) -> None:
+        self.flow.on_resumed_verdict(pos, action)

@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-duration-ms", type=int, help="reset connections older than this (default 0: no limit)")
     add("--max-replacement-bytes", type=int,
         help="a verdict replacing a chunk with more bytes than this is invalid (default 16777216)")
+    add("--max-metadata-entries", type=int,
+        help="a verdict with more metadata entries than this is invalid (default 64; 0: no metadata)")
+    add("--max-metadata-key-bytes", type=int, help="longest metadata key in a verdict, bytes (default 256)")
+    add("--max-metadata-value-bytes", type=int, help="longest metadata value in a verdict, bytes (default 4096)")
+    add("--max-metadata-bytes", type=int, help="all metadata keys and values of a verdict, bytes (default 16384)")
     add("--event-loop", choices=cfg.EVENT_LOOPS, help="uvloop (default) or the stdlib asyncio loop")
     add("--workers", type=int, help="processes sharing the listening ports with SO_REUSEPORT (default 1)")
     add("--admin", metavar="HOST:PORT", help="admin HTTP endpoint (default 127.0.0.1:15000; off to disable)")
@@ -90,7 +95,15 @@ async def _serve(config: cfg.ProxyConfig, argv: Sequence[str]) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(worker, argv)))
+    reloading = asyncio.Lock()  # one reload at a time, so the last SIGHUP's file wins
+    reloads: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+
+    def on_sighup() -> None:
+        task = loop.create_task(_reload(worker, argv, reloading))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     admin_server: asyncio.AbstractServer | None = None
     try:
         # The admin endpoint first: a taken admin port (a second proxy on the host) fails before
@@ -114,14 +127,17 @@ async def _serve(config: cfg.ProxyConfig, argv: Sequence[str]) -> None:
         await worker.stop()
 
 
-async def _reload(worker: Worker, argv: Sequence[str]) -> None:
-    """SIGHUP: re-reads flags, file and environment; only the chain changes without a restart."""
-    try:
-        config = load(argv, os.environ)
-    except cfg.ConfigError as error:
-        log.error("reload refused, keeping the running chain: %s", error)
-        return
-    await worker.reload(config)
+async def _reload(worker: Worker, argv: Sequence[str], reloading: asyncio.Lock) -> None:
+    """SIGHUP: re-reads flags, file and environment; only the chain changes without a restart.
+
+    load() turns every way the file can be wrong (unreadable, not UTF-8, not TOML, a bad
+    value) into a ConfigError, and so may Worker.reload (the new chain against the settings
+    that stay): one line in the log, and the running chain stays."""
+    async with reloading:
+        try:
+            await worker.reload(load(argv, os.environ))
+        except cfg.ConfigError as error:
+            log.error("reload refused, keeping the running chain: %s", error)
 
 
 def _raise_file_limit() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,14 @@ from elements.logs import LOG_FORMATS, LOG_LEVELS
 DEFAULT_LISTEN = ("0.0.0.0:15002", "0.0.0.0:15006")
 EVENT_LOOPS = ("uvloop", "asyncio")
 FAILURE_POLICIES = ("open", "closed")
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+DAY_MS = 86_400_000
+# gRPC's message size limit, which the proxy sets on its channels: every Session message
+# it sends must fit, or the element's stream fails with RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# What an event carries beside its bytes and metadata: ids, kinds, addresses, framing.
+EVENT_OVERHEAD_BYTES = 64 * KiB
 
 
 class ConfigError(ValueError):
@@ -53,6 +61,9 @@ class ElementConfig:
     timeout_ms: int = 1000
     breaker_failures: int = 5
     breaker_cooldown_ms: int = 5000
+    breaker_window_ms: int = 10000
+    breaker_failure_percent: int = 10
+    breaker_min_events: int = 20
 
     @property
     def fail_open(self) -> bool:
@@ -74,6 +85,10 @@ class ProxyConfig:
     idle_timeout_ms: int = 3_600_000
     max_duration_ms: int = 0
     max_replacement_bytes: int = 16 << 20
+    max_metadata_entries: int = 64
+    max_metadata_key_bytes: int = 256
+    max_metadata_value_bytes: int = 4096
+    max_metadata_bytes: int = 16384
     event_loop: str = "uvloop"
     workers: int = 1
     admin: HostPort | None = HostPort("127.0.0.1", 15000)
@@ -98,9 +113,65 @@ def parse_host_port(key: str, text: str, *, require_ip: bool = False) -> HostPor
 
 
 def _port(key: str, text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ConfigError(f"{key}: port {text!r} must be a number from 1 to 65535")
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
+        raise ConfigError(f"{key}: port {_shown(text)} must be a number from 1 to 65535")
     return int(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """What a whole-number setting may be. Every one has a maximum: a value no machine can
+    honour (a 2**70-byte buffer, a ten-year timeout) is a typo, better refused at start."""
+
+    low: int
+    high: int
+    zero: str = ""  # what 0 means, where 0 is allowed
+
+    def check(self, key: str, value: Any) -> int:
+        if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value) < 30:
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not self.low <= value <= self.high:
+            low = f"{self.low} ({self.zero})" if self.zero else str(self.low)
+            raise ConfigError(f"{key}: {_shown(value)} must be a whole number from {low} to {self.high}")
+        return value
+
+
+# The whole-number settings of ProxyConfig (all but upstream_mark, a bit pattern) and of
+# ElementConfig; README's Configuration table states the same ranges.
+LIMITS = {
+    "chunk_size": Limit(1, 16 * MiB),
+    "window": Limit(1, 1024),
+    "high_water": Limit(1, GiB),
+    "connect_timeout_ms": Limit(1, DAY_MS),
+    "drain_timeout_ms": Limit(0, DAY_MS, "reset at once"),
+    "max_connections": Limit(0, 10_000_000, "no limit"),
+    "idle_timeout_ms": Limit(0, DAY_MS, "never"),
+    "max_duration_ms": Limit(0, DAY_MS, "no limit"),
+    "max_replacement_bytes": Limit(1, 32 * MiB),
+    "max_metadata_entries": Limit(0, 4096, "no metadata"),
+    "max_metadata_key_bytes": Limit(1, 64 * KiB),
+    "max_metadata_value_bytes": Limit(1, MiB),
+    "max_metadata_bytes": Limit(1, 4 * MiB),
+    "workers": Limit(1, 256),
+}
+ELEMENT_LIMITS = {
+    "timeout_ms": Limit(1, DAY_MS),
+    "breaker_failures": Limit(0, 1_000_000, "off"),
+    "breaker_cooldown_ms": Limit(1, DAY_MS),
+    "breaker_window_ms": Limit(1, 3_600_000),
+    "breaker_failure_percent": Limit(0, 100, "off"),
+    "breaker_min_events": Limit(1, 1_000_000),
+}
+
+
+def _elements(key: str, entries: Sequence[str], given: object,
+              defaults: Mapping[str, Any]) -> tuple[ElementConfig, ...]:
+    """Elements from `--element` or ELEMENTS; an empty entry is a mistake (`a:1,,b:2`), not a shorter chain."""
+    for position, entry in enumerate(entries, 1):
+        if not entry.strip():
+            raise ConfigError(f"{key}: empty entry at position {position} in {_shown(given)}; "
+                              "every entry is an element's HOST:PORT")
+    return tuple(_element(key, entry, defaults) for entry in entries)
 
 
 def _element(key: str, address: str, defaults: Mapping[str, Any]) -> ElementConfig:
@@ -121,47 +192,50 @@ def _checked_element(key: str, table: Mapping[str, Any]) -> ElementConfig:
     return ElementConfig(
         address=address, name=_typed(f"{key}.name", table.get("name", ""), str),
         failure=_choice(f"{key}.failure", table.get("failure", defaults.failure), FAILURE_POLICIES),
-        timeout_ms=_whole(f"{key}.timeout_ms", table.get("timeout_ms", defaults.timeout_ms), 1),
-        breaker_failures=_whole(f"{key}.breaker_failures", table.get("breaker_failures", defaults.breaker_failures), 0),
-        breaker_cooldown_ms=_whole(f"{key}.breaker_cooldown_ms",
-                                   table.get("breaker_cooldown_ms", defaults.breaker_cooldown_ms), 1))
+        **{name: limit.check(f"{key}.{name}", table.get(name, getattr(defaults, name)))
+           for name, limit in ELEMENT_LIMITS.items()})
+
+
+def _shown(value: Any) -> str:
+    """repr() for a message, cut short: a pasted blob must not become a 10 kB log line."""
+    if isinstance(value, int) and value.bit_length() > 1000:
+        return f"a {value.bit_length()}-bit number"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _typed(key: str, value: Any, kind: type) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{key}: {value!r} must be a {kind.__name__}")
-    return value
-
-
-def _whole(key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        allowed = "above 0" if minimum == 1 else "from 0 (off) up"
-        raise ConfigError(f"{key}: {value!r} must be a whole number {allowed}")
+        raise ConfigError(f"{key}: {_shown(value)} must be a {kind.__name__}")
     return value
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value.lower() not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+        raise ConfigError(f"{key}: {_shown(value)} is not one of {', '.join(allowed)}")
     return value.lower()
 
 
-# Whole-number settings and their smallest allowed value (0 means "off" where it is allowed).
-_WHOLE_NUMBERS = {"chunk_size": 1, "window": 1, "high_water": 1, "connect_timeout_ms": 1, "drain_timeout_ms": 0,
-                  "max_connections": 0, "idle_timeout_ms": 0, "max_duration_ms": 0, "max_replacement_bytes": 1,
-                  "workers": 1}
 _FILE_KEYS = {f.name for f in fields(ProxyConfig)} - {"elements"} | {"element"}
 
 
 def read_file(path: Path) -> dict[str, Any]:
-    """Reads the TOML file, rejecting unknown keys (a typo must not be silently ignored)."""
+    """Reads the TOML file, rejecting unknown keys (a typo must not be silently ignored).
+
+    Every way the file can be wrong is a ConfigError, so a SIGHUP reload refuses it with one line."""
     try:
-        table = tomllib.loads(path.read_text())
+        data = path.read_bytes()
     except OSError as error:
-        raise ConfigError(f"--config: cannot read {path}: {error.strerror}") from error
-    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"--config: cannot read {path}: {error.strerror or error}") from error
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ConfigError(f"--config: {path} is not UTF-8 text "
+                          f"(byte 0x{data[error.start]:02x} at offset {error.start}, line {line})") from None
+    try:
+        table = tomllib.loads(text)
+    except ValueError as error:  # TOMLDecodeError, or int() refusing a number of over 4300 digits
         raise ConfigError(f"--config: {path} is not valid TOML: {error}") from error
     for key in table:
         if key not in _FILE_KEYS:
@@ -183,16 +257,16 @@ def build(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, A
 
     listen_values = merged.get("listen", list(DEFAULT_LISTEN))
     if isinstance(listen_values, str) or not isinstance(listen_values, list) or not listen_values:
-        raise ConfigError(f"listen: {listen_values!r} must be a non-empty list of \"HOST:PORT\"")
+        raise ConfigError(f"listen: {_shown(listen_values)} must be a non-empty list of \"HOST:PORT\"")
     listen = tuple(parse_host_port("listen", _typed("listen", a, str), require_ip=True) for a in listen_values)
 
     target = merged.get("target")
     element_defaults = {k: v for k, v in (("failure", flags.get("element_failure")),
                                           ("timeout_ms", flags.get("element_timeout_ms"))) if v is not None}
     if flags.get("element"):
-        elements = tuple(_element("--element", a, element_defaults) for a in flags["element"])
+        elements = _elements("--element", flags["element"], flags["element"], element_defaults)
     elif env.get("ELEMENTS", "").strip():
-        elements = tuple(_element("ELEMENTS", a, element_defaults) for a in env["ELEMENTS"].split(",") if a.strip())
+        elements = _elements("ELEMENTS", env["ELEMENTS"].split(","), env["ELEMENTS"], element_defaults)
     else:
         tables = file.get("element", [])
         if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
@@ -202,19 +276,74 @@ def build(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, A
     defaults = ProxyConfig()
     config = ProxyConfig(
         listen=listen,
-        target=parse_host_port("target (TARGET_ADDR)", _typed("target", target, str)) if target else None,
+        target=_target(target),
         elements=elements,
         upstream_mark=_mark(merged.get("upstream_mark", 0)),
         event_loop=_choice("event_loop", merged.get("event_loop", defaults.event_loop), EVENT_LOOPS),
         admin=_admin(merged.get("admin", str(defaults.admin))),
         log_level=_choice("log_level (LOG_LEVEL)", merged.get("log_level", defaults.log_level), LOG_LEVELS),
         log_format=_choice("log_format (LOG_FORMAT)", merged.get("log_format", defaults.log_format), LOG_FORMATS),
-        **{key: _whole(key, merged.get(key, getattr(defaults, key)), minimum)
-           for key, minimum in _WHOLE_NUMBERS.items()},
+        **{key: limit.check(key, merged.get(key, getattr(defaults, key))) for key, limit in LIMITS.items()},
     )
     if config.high_water < config.chunk_size:
         raise ConfigError(f"high_water: {config.high_water} must be at least chunk_size ({config.chunk_size})")
+    _check_addresses(config)
+    check_message_size(config)
     return config
+
+
+def _target(value: Any) -> HostPort | None:
+    if value is None or value == "":
+        return None
+    return parse_host_port("target (TARGET_ADDR)", _typed("target", value, str))
+
+
+def _check_addresses(config: ProxyConfig) -> None:
+    """Two listeners on one address cannot both bind; nor can a specific address beside its
+    family's wildcard on the same port (without SO_REUSEPORT; with it, as under --workers,
+    the specific one would quietly take that address's connections from the wildcard)."""
+    for position, address in enumerate(config.listen):
+        for earlier in config.listen[:position]:
+            if clash := _clash(earlier, address):
+                raise ConfigError(f"listen: {address} {clash}; list each address once")
+    for address in config.listen:
+        if config.admin and (clash := _clash(address, config.admin)):
+            raise ConfigError(f"admin: {config.admin} collides with the listen address {address}; "
+                              "give the admin endpoint a port of its own")
+
+
+def _clash(earlier: HostPort, later: HostPort) -> str:
+    """Why `later` cannot bind beside `earlier` (both IP addresses), or "" when it can."""
+    first, second = ipaddress.ip_address(earlier.host), ipaddress.ip_address(later.host)
+    if earlier.port != later.port or first.version != second.version:
+        return ""
+    if first == second:
+        return f"is the same address as {earlier}" if str(earlier) != str(later) else "is given twice"
+    if first.is_unspecified or second.is_unspecified:
+        wildcard = earlier if first.is_unspecified else later
+        return (f"overlaps {earlier}: {wildcard} accepts on every IPv{first.version} address "
+                f"of port {later.port}")
+    return ""
+
+
+def largest_event_bytes(config: ProxyConfig) -> int:
+    """The largest Session message the proxy can send: the biggest chunk (a replacement
+    forwarded to the next element can be bigger than a read), each earlier element's
+    metadata, and the event's own fields."""
+    return (max(config.chunk_size, config.max_replacement_bytes)
+            + len(config.elements) * config.max_metadata_bytes + EVENT_OVERHEAD_BYTES)
+
+
+def check_message_size(config: ProxyConfig) -> None:
+    """Refuses a configuration whose largest event would not fit in one gRPC message."""
+    largest = largest_event_bytes(config)
+    if largest > MAX_MESSAGE_BYTES:
+        raise ConfigError(
+            f"chunk_size, max_replacement_bytes, max_metadata_bytes, elements: the largest event would be "
+            f"max(chunk_size {config.chunk_size}, max_replacement_bytes {config.max_replacement_bytes}) "
+            f"+ {len(config.elements)} elements x max_metadata_bytes {config.max_metadata_bytes} "
+            f"+ {EVENT_OVERHEAD_BYTES} = {largest} bytes, over the {MAX_MESSAGE_BYTES}-byte gRPC message limit; "
+            "lower max_replacement_bytes or max_metadata_bytes, or use fewer elements")
 
 
 def _admin(value: Any) -> HostPort | None:
@@ -228,9 +357,9 @@ def _mark(value: Any) -> int:
         try:
             value = int(value, 0)
         except ValueError:
-            raise ConfigError(f"upstream_mark: {value!r} must be a number (e.g. 1337 or 0x539)") from None
+            raise ConfigError(f"upstream_mark: {_shown(value)} must be a number (e.g. 1337 or 0x539)") from None
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 32:
-        raise ConfigError(f"upstream_mark: {value!r} must be a number from 0 (off) to 4294967295")
+        raise ConfigError(f"upstream_mark: {_shown(value)} must be a number from 0 (off) to 4294967295")
     return value
 
 
@@ -240,8 +369,7 @@ def describe(config: ProxyConfig) -> dict[str, Any]:
         "listen": [str(a) for a in config.listen],
         "target": str(config.target) if config.target else None,
         "admin": str(config.admin) if config.admin else "off",
-        "elements": [{"address": e.address, "name": e.name, "failure": e.failure, "timeout_ms": e.timeout_ms}
-                     for e in config.elements],
+        "elements": [{f.name: getattr(e, f.name) for f in fields(ElementConfig)} for e in config.elements],
         **{f.name: getattr(config, f.name) for f in fields(ProxyConfig)
            if f.name not in ("listen", "target", "elements", "admin")},
     }

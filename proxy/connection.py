@@ -36,8 +36,10 @@ log = logging.getLogger("proxy.connection")
 PAUSE_FLOW = 1        # the lane holds high_water bytes
 PAUSE_DEST_FULL = 2   # the other side's write buffer is full
 PAUSE_STARTING = 4    # Open phase running, or the upstream is not connected yet
+# Outcomes logged at info. FAILURE is one: the element's own warning says what failed, at most
+# once a second, where a line per connection would flood the log while an element is stalled.
 _ROUTINE_OUTCOMES = frozenset((Outcome.COMPLETED, Outcome.CLOSED_BY_ELEMENT, Outcome.PEER_RESET,
-                               Outcome.RESET_BY_ELEMENT, Outcome.IDLE_TIMEOUT))
+                               Outcome.RESET_BY_ELEMENT, Outcome.IDLE_TIMEOUT, Outcome.FAILURE))
 
 
 def _plain_ip(host: str) -> str:
@@ -240,13 +242,26 @@ class Connection:
     # --- chain.FlowOutput -------------------------------------------------------------
 
     def send_open(self, element: int, metadata: Mapping[str, str], target: VerdictTarget | None, pos: int) -> None:
+        self.sessions[element].send_open(self._open_event(metadata), target, pos)
+
+    def resumed_open(self) -> pb.OpenEvent:
+        """The Open event that announces this connection to a new session of an element it uses."""
+        event = self._open_event(self.flow.open_metadata)
+        event.resumed = True
+        event.request_bytes = self.request_bytes
+        event.response_bytes = self.response_bytes
+        return event
+
+    def _open_event(self, metadata: Mapping[str, str]) -> pb.OpenEvent:
         destination = self.destination
         assert destination is not None
-        event = pb.OpenEvent(connection_id=self.id, client=_address(self.accepted.client),
-                             original_destination=pb.Address(ip=destination.host, port=destination.port),
-                             listener=pb.Address(ip=self.accepted.listener.host, port=self.accepted.listener.port),
-                             metadata=metadata)
-        self.sessions[element].send_open(event, target, pos)
+        return pb.OpenEvent(connection_id=self.id, client=_address(self.accepted.client),
+                            original_destination=pb.Address(ip=destination.host, port=destination.port),
+                            listener=pb.Address(ip=self.accepted.listener.host, port=self.accepted.listener.port),
+                            metadata=metadata)
+
+    def track(self, element: int) -> None:
+        self.sessions[element].track(self.id, self)
 
     def send_data(self, element: int, seq: int, direction: Direction, data: Payload, end_of_stream: bool,
                   metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None:

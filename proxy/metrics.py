@@ -47,6 +47,9 @@ class _SnapshotCollector:
                                "Worker sessions to the element that are up (one per worker).", labels=labels)
         breaker = GaugeMetricFamily("element_proxy_element_breaker_open",
                                     "Workers whose circuit breaker for the element is open.", labels=labels)
+        describe_invalid = GaugeMetricFamily("element_proxy_element_describe_invalid",
+                                             "Workers that cannot honour the element's Describe (it is treated "
+                                             "as unreachable).", labels=labels)
         events = CounterMetricFamily("element_proxy_element_events", "Events sent to the element.",
                                      labels=[*labels, "kind"])
         batches = CounterMetricFamily("element_proxy_element_batches", "Session messages sent to the element "
@@ -55,6 +58,12 @@ class _SnapshotCollector:
                                        "action.", labels=[*labels, "kind", "action"])
         failures = CounterMetricFamily("element_proxy_element_failures", "Events the failure policy answered, by "
                                        "cause.", labels=[*labels, "cause"])
+        invalid = CounterMetricFamily("element_proxy_element_invalid_verdicts", "Verdicts not followed, by cause "
+                                      "(the ones with an event waiting also count as failures).",
+                                      labels=[*labels, "cause"])
+        closes_lost = CounterMetricFamily("element_proxy_element_closes_lost", "Close events not delivered: more "
+                                          "connections ended while the session was down than the proxy keeps.",
+                                          labels=labels)
         latency = HistogramMetricFamily("element_proxy_element_latency_seconds",
                                         "From sending an event to its verdict.", labels=labels)
         for key, element in sorted(elements.items()):
@@ -62,6 +71,8 @@ class _SnapshotCollector:
             values = [position, name]
             up.add_metric(values, element["up"])
             breaker.add_metric(values, element["breaker_open"])
+            describe_invalid.add_metric(values, element["describe_invalid"])
+            closes_lost.add_metric(values, element["closes_lost"])
             batches.add_metric(values, element["batches"])
             for kind, count in sorted(element["events"].items()):
                 events.add_metric([*values, kind], count)
@@ -69,13 +80,15 @@ class _SnapshotCollector:
                 verdicts.add_metric([*values, *kind_action.split("/", 1)], count)
             for cause, count in sorted(element["failures"].items()):
                 failures.add_metric([*values, cause], count)
+            for cause, count in sorted(element["invalid_verdicts"].items()):
+                invalid.add_metric([*values, cause], count)
             counts = element["latency"]["counts"]
             cumulative, buckets = 0, []
             for bound, count in zip([*map(str, LATENCY_BUCKETS), "+Inf"], counts):
                 cumulative += count
                 buckets.append((bound, cumulative))
             latency.add_metric(values, buckets, element["latency"]["sum"])
-        yield from (up, breaker, events, batches, verdicts, failures, latency)
+        yield from (up, breaker, describe_invalid, events, batches, verdicts, failures, invalid, closes_lost, latency)
 
 
 def render(snapshot: dict[str, Any]) -> bytes:

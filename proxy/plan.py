@@ -12,6 +12,7 @@ from elements.api import element_pb2 as pb
 from proxy.chain import ChainPlan, Direction, Stage
 from proxy.config import ElementConfig
 from proxy.session import ElementSession
+from proxy.validate import VerdictLimits
 
 
 def plan_for(descriptions: list[pb.Description | None], names: tuple[str, ...] = (),
@@ -46,9 +47,9 @@ def plan_for(descriptions: list[pb.Description | None], names: tuple[str, ...] =
 class Chain:
     """Element sessions of one worker and the current plan."""
 
-    def __init__(self, elements: tuple[ElementConfig, ...], max_replacement_bytes: int) -> None:
+    def __init__(self, elements: tuple[ElementConfig, ...], limits: VerdictLimits) -> None:
         self.elements = elements
-        self.sessions = [ElementSession(i, e, self._replan, max_replacement_bytes) for i, e in enumerate(elements)]
+        self.sessions = [ElementSession(i, e, self._replan, limits) for i, e in enumerate(elements)]
         self.plan = plan_for([None] * len(self.sessions), tuple(s.name for s in self.sessions))
         self.users = 0
         self.retired = False

@@ -7,6 +7,11 @@ wire.py, which copies a chunk's bytes once, when its batch is sent. Verdicts com
 by (connection id, sequence) and go to whoever waits for them. When the stream is
 down, late or answers nonsense, the element's failure policy answers instead:
 fail-open passes the chunk unchanged, fail-closed resets the connection.
+
+What the element sends is checked (validate.py) and what it gets wrong stays with the
+connection it concerns. Because a new session may be a new element process, it is told
+about every live connection it must know of (a resumed Open) and about the connections
+that ended while it was away (their Close), before anything else.
 """
 
 from __future__ import annotations
@@ -16,15 +21,19 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from elements.api import element_pb2 as pb
 from elements.api import element_pb2_grpc as pb_grpc
-from proxy.chain import Action, Direction, Outcome, Payload, VerdictTarget
-from proxy.config import ElementConfig
+from proxy.breaker import Breaker
+from proxy.chain import Action, Direction, Flow, Outcome, Payload, Resumed, VerdictTarget
+from proxy.config import MAX_MESSAGE_BYTES, ElementConfig
+from proxy.faultlog import FaultLog
+from proxy.logs import fields
 from proxy.stats import ElementStats
+from proxy.validate import VerdictLimits, description_problem, verdict_problem
 from proxy.wire import (
     EncodedEvent,
     close_event,
@@ -37,7 +46,6 @@ from proxy.wire import (
 
 log = logging.getLogger("proxy.session")
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 BATCH_BYTES = 1024 * 1024
 # Observe-mode events are never waited for, so nothing else bounds them: past this many
 # queued bytes they are dropped (and counted) rather than growing the proxy's memory.
@@ -46,6 +54,9 @@ OBSERVE_BACKLOG_BYTES = 4 * 1024 * 1024
 # message: per-message cost, not bytes, is what gRPC charges the proxy.
 OBSERVE_FLUSH_DELAY = 0.002
 OBSERVE_FLUSH_EVENTS = 512
+# Close events of connections that ended while the session was down, kept for the next session;
+# past this many they are counted as lost (an element down for long does not grow the proxy).
+CLOSES_KEPT = 10_000
 # Per-message cost, not bytes, is what gRPC charges for small events: below this many queued
 # bytes, with other events already awaiting verdicts, the writer waits one loop turn to batch more
 # (bench, one element: churn +25%, GET at 50 clients +8%, GET at 1 client and bulk unchanged).
@@ -72,28 +83,45 @@ _VERDICT_KEYS = {(is_open, int(action)): f"{'open' if is_open else 'data'}/{acti
 # What trips the breaker: failures that cost a wait or show a broken element. A session
 # that is down already fails every event at once, so tripping on it would save nothing.
 _BREAKER_CAUSES = frozenset(("timeout", "invalid_verdict"))
+# Why an event was answered by the failure policy at once, for the rate-limited log line.
+_UNANSWERED = {"session_down": "session down", "breaker_open": "circuit breaker open",
+               "invalid_describe": "its Describe is invalid"}
 
 Waiter = tuple[VerdictTarget, int, int, float]  # target, its stage position, sequence, sent at (monotonic)
+
+
+class Live(Protocol):
+    """A connection as a session needs it to announce it to a new session."""
+
+    flow: Flow
+
+    def resumed_open(self) -> pb.OpenEvent: ...
+
+
+class InvalidDescription(Exception):
+    """The element described itself in a way the proxy cannot honour; the message says how."""
 
 
 class ElementSession:
     """Keeps one Session stream to one element open, reconnecting with capped backoff."""
 
     def __init__(self, index: int, config: ElementConfig, on_describe: Callable[[], None],
-                 max_replacement_bytes: int) -> None:
+                 limits: VerdictLimits) -> None:
         self.index = index
         self.config = config
         self.name = config.name or config.address
         self.description: pb.Description | None = None
+        self.problem: str | None = None  # why the last Describe could not be honoured
         self.up = False
-        self.tripped = False
         self._observer = False
         self.stats = ElementStats()
-        self.unknown_verdicts = 0
-        self._max_replacement = max_replacement_bytes
-        self._consecutive_failures = 0
-        self._probe: asyncio.Task[None] | None = None
+        self.breaker = Breaker(config, self.name, on_describe)
+        self.faults = FaultLog(log, f"element {self.name}")
+        self._limits = limits
+        self._max_replacement = limits.replacement_bytes
         self._on_describe = on_describe
+        self._live: dict[str, Live] = {}  # connections that sent this element an event, until their Close
+        self._closes_while_down: deque[EncodedEvent] = deque()
         self._outbox: list[EncodedEvent] = []
         self._outbox_bytes = 0
         self._wakeup = asyncio.Event()
@@ -103,15 +131,23 @@ class ElementSession:
         self._task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
 
+    @property
+    def tripped(self) -> bool:
+        return self.breaker.tripped
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"session-{self.name}")
 
     async def stop(self) -> None:
-        for task in (self._task, self._probe):
-            if task:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.breaker.stop()
         self._fail_all("proxy_stopping")
+
+    def track(self, connection_id: str, connection: Live) -> None:
+        """The connection sends this element its first event: announce it to every later session."""
+        self._live[connection_id] = connection
 
     def send_open(self, event: pb.OpenEvent, target: VerdictTarget | None, pos: int) -> None:
         self._send(message_event(pb.Event(open=event)), "open", event.connection_id, 0, target, pos)
@@ -125,16 +161,26 @@ class ElementSession:
                    connection_id, seq, target, pos)
 
     def send_close(self, connection_id: str, outcome: Outcome, request_bytes: int, response_bytes: int) -> None:
+        self._live.pop(connection_id, None)
+        event = close_event(connection_id, outcome, request_bytes, response_bytes)
         if self.up:
             self.stats.events["close"] += 1
-            self._queue(close_event(connection_id, outcome, request_bytes, response_bytes))
+            self._queue(event)
+        elif len(self._closes_while_down) < CLOSES_KEPT:
+            self._closes_while_down.append(event)
+        else:
+            self.stats.closes_lost += 1
 
     def _send(self, event: EncodedEvent, kind: str, connection_id: str, seq: int, target: VerdictTarget | None,
               pos: int) -> None:
         if not self.up or self.tripped:
+            why = "breaker_open" if self.tripped else "invalid_describe" if self.problem else "session_down"
             if target is not None:
-                self._loop.call_soon(self._apply_policy, (target, pos, seq, 0.0),
-                                     "breaker_open" if self.tripped else "session_down")
+                self._loop.call_soon(self._apply_policy, (target, pos, seq, 0.0), why)
+            self.faults.warn(why, f"events answered by the failure policy ({_UNANSWERED[why]})",
+                             "%s: %s event of connection %s answered by the failure policy (%s)",
+                             _UNANSWERED[why], kind, connection_id,
+                             "passed unfiltered" if self.config.fail_open else "fail-closed: reset")
             return
         self.stats.events[kind] += 1
         if target is not None:
@@ -154,44 +200,9 @@ class ElementSession:
         """Answers for an element that could not: PASS unchanged when fail-open, FAIL when fail-closed."""
         self.stats.failures[why] += 1
         if why in _BREAKER_CAUSES:
-            self._consecutive_failures += 1
-            if self.config.breaker_failures and self._consecutive_failures >= self.config.breaker_failures:
-                self._open_breaker()
+            self.breaker.failed(time.monotonic())
         target, pos, seq, _ = waiter
         target.on_verdict(pos, seq, Action.PASS if self.config.fail_open else Action.FAIL, None, None)
-
-    def _open_breaker(self) -> None:
-        """K failures in a row: stop asking the element (fail-open: skip it; fail-closed: refuse new
-        connections) for a cool-down, then probe its health before trusting it again."""
-        if self.tripped:
-            return
-        self.tripped = True
-        log.warning("element %s: circuit breaker open after %d failures in a row; %s for %d ms, then probing",
-                    self.name, self._consecutive_failures,
-                    "skipping it" if self.config.fail_open else "refusing new connections",
-                    self.config.breaker_cooldown_ms)
-        self._on_describe()
-        self._probe = asyncio.create_task(self._probe_until_healthy())
-
-    def _close_breaker(self, why: str) -> None:
-        self._consecutive_failures = 0
-        if self.tripped:
-            self.tripped = False
-            log.info("element %s: circuit breaker closed (%s)", self.name, why)
-            self._on_describe()
-
-    async def _probe_until_healthy(self) -> None:
-        while self.tripped:
-            await asyncio.sleep(self.config.breaker_cooldown_ms / 1000)
-            async with grpc.aio.insecure_channel(self.config.address) as channel:
-                try:
-                    health = await health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=self._timeout)
-                except grpc.aio.AioRpcError as error:
-                    log.info("element %s: probe failed (%s), breaker stays open", self.name, error.code().name)
-                    continue
-            if health.status == health_pb2.HealthCheckResponse.SERVING:
-                self._close_breaker("health probe passed")
 
     def _fail_all(self, why: str) -> None:
         pending, self._pending = self._pending, {}
@@ -208,17 +219,14 @@ class ElementSession:
             channel = grpc.aio.insecure_channel(self.config.address, options=CHANNEL_OPTIONS)
             try:
                 stub = pb_grpc.ElementStub(channel)
-                self.description = await stub.Describe(pb.DescribeRequest(), timeout=DESCRIBE_TIMEOUT)
-                self.name = self.config.name or self.description.name or self.config.address
-                self._observer = self.description.mode == pb.MODE_OBSERVE
+                self._accept(await stub.Describe(pb.DescribeRequest(), timeout=DESCRIBE_TIMEOUT))
                 call = open_session(channel)
-                self.up = True
+                self._come_up()
                 backoff = BACKOFF_FIRST
-                log.info("element %s session up at %s", self.name, self.config.address)
-                self._close_breaker("session up")
-                self._on_describe()
                 await self._stream(call)
                 log.warning("element %s ended its session", self.name)
+            except InvalidDescription:
+                pass  # said once by _accept; asked again after the backoff, in case it was fixed
             except grpc.aio.AioRpcError as error:
                 log.log(logging.WARNING if backoff == BACKOFF_FIRST else logging.DEBUG,
                         "element %s at %s unavailable, retrying: %s %s", self.name, self.config.address,
@@ -236,6 +244,53 @@ class ElementSession:
                     self._on_describe()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_CAP)
+
+    def _accept(self, description: pb.Description) -> None:
+        """Takes the element's Description, or raises InvalidDescription: an element the proxy cannot
+        honour is planned like an unreachable one, so its failure policy decides every event."""
+        problem = description_problem(description)
+        if problem is not None:
+            if problem != self.problem:
+                self.problem = problem
+                self.description = None
+                log.warning("element %s at %s: invalid Describe, %s; treated as unreachable, failure policy %s "
+                            "applies until it describes itself validly", self.name, self.config.address, problem,
+                            self.config.failure)
+                self._on_describe()
+            raise InvalidDescription(problem)
+        if self.problem is not None:
+            log.info("element %s at %s: Describe valid again", self.name, self.config.address)
+            self.problem = None
+        self.description = description
+        self.name = self.config.name or description.name or self.config.address
+        self.breaker.name = self.name
+        self.faults.subject = f"element {self.name}"
+        self._observer = description.mode == pb.MODE_OBSERVE
+
+    def _come_up(self) -> None:
+        """A new stream: first the Close events it missed, then a resumed Open for every live
+        connection, so the element knows them all before any further event of theirs."""
+        closes, self._closes_while_down = self._closes_while_down, deque()
+        self.stats.events["close"] += len(closes)
+        for event in closes:
+            self._queue(event)
+        description = self.description
+        assert description is not None
+        wants_verdict = description.wants_open and not self._observer
+        now = time.monotonic()
+        for connection_id, connection in self._live.items():
+            connection.flow.touched.add(self.index)
+            self.stats.events["resumed"] += 1
+            if wants_verdict:
+                key = (connection_id, 0)
+                self._pending[key] = (Resumed(connection.flow), self.index, 0, now)
+                self._deadlines.append((now + self._timeout, key))
+            self._queue(message_event(pb.Event(open=connection.resumed_open())))
+        self.up = True
+        log.info("element %s session up at %s", self.name, self.config.address,
+                 extra=fields(resumed=len(self._live) or None, closes_delivered=len(closes) or None))
+        self.breaker.close("session up")
+        self._on_describe()
 
     async def _stream(self, call: grpc.aio.StreamStreamCall) -> None:
         """Runs writer, reader and timeout watch until one of them ends the stream."""
@@ -297,6 +352,7 @@ class ElementSession:
     async def _read_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         pending = self._pending
         stats = self.stats
+        breaker = self.breaker
         while True:
             response = await call.read()
             if response is grpc.aio.EOF:
@@ -305,26 +361,41 @@ class ElementSession:
             for verdict in response.verdicts:
                 waiter = pending.pop((verdict.connection_id, verdict.sequence), None)
                 if waiter is None:
-                    self.unknown_verdicts += 1
-                    log.debug("element %s: verdict for unknown connection %s sequence %d ignored",
-                              self.name, verdict.connection_id, verdict.sequence)
+                    self._stray(verdict)
                     continue
                 target, pos, seq, sent_at = waiter
                 action = verdict.action
                 key = _VERDICT_KEYS.get((seq == 0, action))
                 data = verdict.data if verdict.HasField("data") else None
-                if key is None or data is not None and len(data) > self._max_replacement:
-                    log.warning("element %s: invalid verdict for connection %s (%s), failure policy %s applied",
-                                self.name, verdict.connection_id,
-                                f"action {action}" if key is None else
-                                f"{len(data or b'')} replacement bytes, over max_replacement_bytes",
-                                self.config.failure)
-                    self._apply_policy(waiter, "invalid_verdict")
-                    continue
-                self._consecutive_failures = 0
-                stats.verdict(key, now - sent_at)
                 metadata = verdict.metadata
+                if key is None or metadata or data is not None and len(data) > self._max_replacement:
+                    problem = verdict_problem(action, data, metadata, self._limits)
+                    if problem is not None:
+                        self._invalid(waiter, verdict, *problem)
+                        continue
+                    assert key is not None
+                breaker.succeeded(now)
+                stats.verdict(key, now - sent_at)
                 target.on_verdict(pos, seq, action, data, dict(metadata) if metadata else None)
+
+    def _invalid(self, waiter: Waiter, verdict: pb.Verdict, cause: str, detail: str) -> None:
+        """A verdict the proxy must not follow: the failure policy answers for that event alone."""
+        self.stats.invalid[cause] += 1
+        self.faults.warn(cause, f"invalid verdicts ({cause})", "invalid verdict (%s) for connection %s sequence %d: "
+                         "%s; failure policy %s applied to it", cause, verdict.connection_id, verdict.sequence,
+                         detail, self.config.failure)
+        self._apply_policy(waiter, "invalid_verdict")
+
+    def _stray(self, verdict: pb.Verdict) -> None:
+        """A verdict nobody waits for is ignored, counted and said; it harms no connection, so it
+        does not count against the breaker (a late verdict after a timeout is one of these)."""
+        if verdict.connection_id in self._live:
+            cause, detail = "unknown_sequence", "which it is not awaiting (never sent, already answered or timed out)"
+        else:
+            cause, detail = "unknown_connection", "which does not use this element (or has ended)"
+        self.stats.invalid[cause] += 1
+        self.faults.warn(cause, f"invalid verdicts ({cause})", "invalid verdict (%s) for connection %r sequence %d, "
+                         "%s; ignored", cause, verdict.connection_id[:64], verdict.sequence, detail)
 
     async def _watch_timeouts(self) -> None:
         """Fails events older than timeout_ms; one sweep per quarter timeout keeps it cheap."""
@@ -336,7 +407,7 @@ class ElementSession:
                 _, key = deadlines.popleft()
                 waiter = pending.pop(key, None)
                 if waiter is not None:
-                    log.warning("element %s: no verdict for connection %s sequence %d within %d ms, "
-                                "failure policy %s applied", self.name, key[0], key[1],
-                                self.config.timeout_ms, self.config.failure)
+                    self.faults.warn("timeout", "timeouts", "no verdict for connection %s sequence %d within %d ms, "
+                                     "failure policy %s applied", key[0], key[1], self.config.timeout_ms,
+                                     self.config.failure)
                     self._apply_policy(waiter, "timeout")

@@ -12,19 +12,25 @@ from bisect import bisect_left
 from typing import Any
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-FAILURE_CAUSES = ("timeout", "session_down", "breaker_open", "invalid_verdict", "proxy_stopping", "backlog_full")
+FAILURE_CAUSES = ("timeout", "session_down", "breaker_open", "invalid_verdict", "invalid_describe", "proxy_stopping",
+                  "backlog_full")
+# Why a verdict was not followed (validate.py, session.py): the first three had an event waiting.
+INVALID_CAUSES = ("bad_action", "replacement_too_big", "metadata_too_big", "unknown_connection", "unknown_sequence")
 
 
 class ElementStats:
     """What one element session saw: events sent, verdicts by kind and action, failures, latency."""
 
-    __slots__ = ("events", "batches", "verdicts", "failures", "latency_counts", "latency_sum")
+    __slots__ = ("events", "batches", "verdicts", "failures", "invalid", "closes_lost", "latency_counts",
+                 "latency_sum")
 
     def __init__(self) -> None:
-        self.events = {"open": 0, "data": 0, "close": 0}
+        self.events = {"open": 0, "data": 0, "close": 0, "resumed": 0}
         self.batches = 0
         self.verdicts: dict[str, int] = {}
         self.failures = dict.fromkeys(FAILURE_CAUSES, 0)
+        self.invalid = dict.fromkeys(INVALID_CAUSES, 0)
+        self.closes_lost = 0
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
 
@@ -34,10 +40,12 @@ class ElementStats:
         self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
-    def snapshot(self, up: bool, tripped: bool) -> dict[str, Any]:
-        return {"up": int(up), "breaker_open": int(tripped), "events": dict(self.events), "batches": self.batches,
+    def snapshot(self, up: bool, tripped: bool, describe_invalid: bool) -> dict[str, Any]:
+        return {"up": int(up), "breaker_open": int(tripped), "describe_invalid": int(describe_invalid),
+                "events": dict(self.events), "batches": self.batches,
                 "verdicts": dict(self.verdicts),
-                "failures": dict(self.failures),
+                "failures": dict(self.failures), "invalid_verdicts": dict(self.invalid),
+                "closes_lost": self.closes_lost,
                 "latency": {"counts": list(self.latency_counts), "sum": self.latency_sum}}
 
 

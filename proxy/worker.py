@@ -19,11 +19,12 @@ from typing import Any
 
 from proxy.acceptor import Acceptor, listening_socket
 from proxy.chain import LaneLimits, Outcome
-from proxy.config import HostPort, ProxyConfig, describe
+from proxy.config import HostPort, ProxyConfig, check_message_size, describe
 from proxy.connection import Accepted, ClientSide, Connection
 from proxy.listen_errors import cannot_listen
 from proxy.logs import fields
 from proxy.plan import Chain
+from proxy.validate import VerdictLimits
 
 log = logging.getLogger("proxy")
 
@@ -50,7 +51,8 @@ class Worker:
         self.config = config
         self.limits = LaneLimits(config.chunk_size, config.window, config.high_water)
         self.ids = ConnectionIds()
-        self.chain = Chain(config.elements, config.max_replacement_bytes)
+        self.verdict_limits = verdict_limits(config)
+        self.chain = Chain(config.elements, self.verdict_limits)
         self.connections: dict[str, Connection] = {}
         self.acceptors: list[Acceptor] = []
         self.accepted = {str(address): 0 for address in config.listen}
@@ -155,7 +157,8 @@ class Worker:
             "closed": dict(self.outcomes),
             "refused": self.refused,
             "bytes": written,
-            "elements": {f"{s.index}:{s.name}": s.stats.snapshot(s.up, s.tripped) for s in self.chain.sessions},
+            "elements": {f"{s.index}:{s.name}": s.stats.snapshot(s.up, s.tripped, s.problem is not None)
+                         for s in self.chain.sessions},
         }
 
     def connection_list(self) -> list[dict[str, Any]]:
@@ -166,8 +169,9 @@ class Worker:
         reasons = ["draining"] if self.draining else []
         if not self.acceptors or not all(acceptor.serving for acceptor in self.acceptors):
             reasons.append("not listening")
-        reasons += [f"element {s.name} (fail-closed) session down" for s in self.chain.sessions
-                    if not s.up and not s.config.fail_open]
+        reasons += [f"element {s.name} (fail-closed) session down" + (f": invalid Describe, {s.problem}"
+                                                                     if s.problem else "")
+                    for s in self.chain.sessions if not s.up and not s.config.fail_open]
         return reasons
 
     async def reload(self, config: ProxyConfig) -> None:
@@ -175,7 +179,9 @@ class Worker:
         if config.elements == self.chain.elements:
             log.info("reload: the chain is unchanged")
             return
-        chain = Chain(config.elements, self.config.max_replacement_bytes)
+        # sizes are not reloaded: the new chain must fit the running ones (raises ConfigError)
+        check_message_size(dataclasses.replace(self.config, elements=config.elements))
+        chain = Chain(config.elements, self.verdict_limits)
         await _start_chain(chain)
         old, self.chain = self.chain, chain
         self.config = dataclasses.replace(self.config, elements=config.elements)
@@ -204,6 +210,11 @@ class Worker:
             connection.flow.reset(Outcome.PROXY_STOPPING, f"still open after drain_timeout_ms "
                                                           f"({self.config.drain_timeout_ms})")
         await self.chain.stop()
+
+
+def verdict_limits(config: ProxyConfig) -> VerdictLimits:
+    return VerdictLimits(config.max_replacement_bytes, config.max_metadata_entries, config.max_metadata_key_bytes,
+                         config.max_metadata_value_bytes, config.max_metadata_bytes)
 
 
 async def _start_chain(chain: Chain) -> None:

@@ -104,6 +104,7 @@ class Recorder:
         self.finished: list[Finish] = []
         self.details: list[str] = []
         self.after_finish: list[Call] = []
+        self.tracked: list[int] = []
 
     def _record(self, call: Call) -> None:
         if self.finished:
@@ -129,6 +130,9 @@ class Recorder:
 
     def send_close(self, element: int, outcome: Outcome) -> None:
         self._record(Close(element, outcome))
+
+    def track(self, element: int) -> None:
+        self.tracked.append(element)
 
     def writer(self, direction: Direction) -> Callable[[bytes], None]:
         return lambda data: self.write(direction, data)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from proxy.chain import Action, ChainPlan, Direction, Flow, LaneLimits, Outcome, Stage, VerdictTarget
+from proxy.chain import Action, ChainPlan, Direction, Flow, LaneLimits, Outcome, Resumed, Stage, VerdictTarget
 from tests.chain_model import (
     REQ, RESP, Ask, Close, Data, Decision, Dial, Eof, Finish, Harness, LaneModel, Open, Reading, Recorder, Write,
     model_lane, spy_flow,
@@ -802,3 +802,45 @@ def test_close_reset_and_failure_match_the_model(scenario: Scenario, data: st.Da
     run = Run(scenario, data, HARSH_ACTIONS)
     run.go()
     run.check_end()
+
+
+# ---- a connection announced to a new session (resumed Open) ----------------------------------
+
+def test_an_element_is_tracked_once_when_the_connection_first_sends_it_an_event() -> None:
+    h = started(THREE)
+    assert h.out.tracked == []
+    h.feed(REQ, b"a")
+    through(h, 1, [0, 1, 2], data=b"a")
+    h.verdict(2, 1)
+    h.feed(REQ, b"b")
+    assert h.out.tracked == [0, 1, 2]
+
+
+@pytest.mark.parametrize("action", [PASS, DROP])
+def test_a_resumed_open_answered_pass_or_drop_keeps_the_connection(action: Action) -> None:
+    h = started(THREE)
+    assert h.feed(REQ, b"a") == [Data(0, 1, REQ, b"a")]
+    Resumed(h.flow).on_verdict(1, 0, action, None, None)
+    assert h.take() == []
+    through(h, 1, [0, 1, 2], data=b"a")
+    assert h.verdict(2, 1) == [Write(REQ, b"a")]
+
+
+def test_a_resumed_open_answered_close_drains_what_was_read_then_fins_both_ways() -> None:
+    h = started(THREE)
+    assert h.feed(REQ, b"a") == [Data(0, 1, REQ, b"a")]
+    Resumed(h.flow).on_verdict(1, 0, CLOSE, None, None)
+    assert h.take() == [Reading(REQ, False), Reading(RESP, False), Eof(RESP)]
+    assert h.feed(REQ, b"after") == []
+    through(h, 1, [0, 1, 2], data=b"a")
+    assert h.verdict(2, 1) == [Write(REQ, b"a"), Eof(REQ), *(Close(e, Outcome.CLOSED_BY_ELEMENT) for e in range(3)),
+                               Finish(Outcome.CLOSED_BY_ELEMENT)]
+
+
+@pytest.mark.parametrize(("action", "outcome"), [(RESET, Outcome.RESET_BY_ELEMENT), (FAIL, Outcome.FAILURE)])
+def test_a_resumed_open_answered_reset_or_failed_resets_at_once(action: Action, outcome: Outcome) -> None:
+    h = started(THREE)
+    assert h.feed(REQ, b"a") == [Data(0, 1, REQ, b"a")]
+    Resumed(h.flow).on_verdict(2, 0, action, None, None)
+    assert h.take() == [Close(0, outcome), Finish(outcome)]
+    assert h.flow.ended and h.feed(REQ, b"b") == []

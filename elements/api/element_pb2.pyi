@@ -70,7 +70,7 @@ class Address(_message.Message):
     def __init__(self, ip: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class OpenEvent(_message.Message):
-    __slots__ = ("connection_id", "client", "original_destination", "listener", "metadata")
+    __slots__ = ("connection_id", "client", "original_destination", "listener", "metadata", "resumed", "request_bytes", "response_bytes")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,12 +83,18 @@ class OpenEvent(_message.Message):
     ORIGINAL_DESTINATION_FIELD_NUMBER: _ClassVar[int]
     LISTENER_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     connection_id: str
     client: Address
     original_destination: Address
     listener: Address
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, connection_id: _Optional[str] = ..., client: _Optional[_Union[Address, _Mapping]] = ..., original_destination: _Optional[_Union[Address, _Mapping]] = ..., listener: _Optional[_Union[Address, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    resumed: bool
+    request_bytes: int
+    response_bytes: int
+    def __init__(self, connection_id: _Optional[str] = ..., client: _Optional[_Union[Address, _Mapping]] = ..., original_destination: _Optional[_Union[Address, _Mapping]] = ..., listener: _Optional[_Union[Address, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., resumed: _Optional[bool] = ..., request_bytes: _Optional[int] = ..., response_bytes: _Optional[int] = ...) -> None: ...
 
 class DataEvent(_message.Message):
     __slots__ = ("connection_id", "sequence", "direction", "data", "end_of_stream", "metadata")

@@ -1,0 +1,87 @@
+"""What the proxy accepts from an element: its Description and its verdicts.
+
+An element is trusted with the bytes it judges and nothing else. A Description the
+proxy cannot honour must not leave a fail-closed element silently unused (a direction
+it does not know would plan no stage at all), and a verdict must not carry enough to
+harm other connections (metadata travels to later elements and is held per chunk).
+Both checks are pure, so every rule here is tested without a session.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from elements.api import element_pb2 as pb
+
+NAME_MAX = 64
+_NAME = re.compile(r"[A-Za-z0-9._-]*")
+_DIRECTIONS = frozenset((pb.DIRECTION_REQUEST, pb.DIRECTION_RESPONSE))
+_MODES = frozenset((pb.MODE_UNSPECIFIED, pb.MODE_INLINE, pb.MODE_OBSERVE))
+_ACTIONS = frozenset((pb.ACTION_PASS, pb.ACTION_DROP, pb.ACTION_CLOSE, pb.ACTION_RESET))
+_SHOWN = 40  # characters of a bad value quoted in a log line
+
+
+def _shown(text: str) -> str:
+    """A bad value quoted safely: repr escapes control characters, long ones are cut."""
+    return repr(text[:_SHOWN]) + (f"... ({len(text)} characters)" if len(text) > _SHOWN else "")
+
+
+def description_problem(description: pb.Description) -> str | None:
+    """Why the proxy cannot honour this Description (field, value, what is allowed), or None."""
+    name = description.name
+    if len(name) > NAME_MAX or not _NAME.fullmatch(name):
+        return (f"name {_shown(name)}: at most {NAME_MAX} characters of A-Z a-z 0-9 . _ - "
+                f"(it lands in every log line and metric label)")
+    unknown = [d for d in description.directions if d not in _DIRECTIONS]
+    if unknown:
+        return (f"directions {list(description.directions)}: {unknown[0]} is neither DIRECTION_REQUEST (1) "
+                f"nor DIRECTION_RESPONSE (2)")
+    if description.mode not in _MODES:
+        return f"mode {description.mode}: allowed are MODE_UNSPECIFIED (0), MODE_INLINE (1), MODE_OBSERVE (2)"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictLimits:
+    """What one verdict may carry (the proxy's max_replacement_bytes and max_metadata_* settings)."""
+
+    replacement_bytes: int = 16 << 20
+    metadata_entries: int = 64
+    metadata_key_bytes: int = 256
+    metadata_value_bytes: int = 4096
+    metadata_bytes: int = 16384
+
+
+def verdict_problem(action: int, data: bytes | None, metadata: Mapping[str, str],
+                    limits: VerdictLimits) -> tuple[str, str] | None:
+    """(cause, detail) when the verdict is invalid, else None. Cheap for the common verdict:
+    a known action, no replacement or a small one, no metadata."""
+    if action not in _ACTIONS:
+        return "bad_action", f"action {action} is not PASS, DROP, CLOSE or RESET"
+    if data is not None and len(data) > limits.replacement_bytes:
+        return "replacement_too_big", f"{len(data)} replacement bytes, over max_replacement_bytes " \
+                                      f"({limits.replacement_bytes})"
+    if metadata:
+        return _metadata_problem(metadata, limits)
+    return None
+
+
+def _metadata_problem(metadata: Mapping[str, str], limits: VerdictLimits) -> tuple[str, str] | None:
+    if len(metadata) > limits.metadata_entries:
+        return "metadata_too_big", f"{len(metadata)} metadata entries, over max_metadata_entries " \
+                                   f"({limits.metadata_entries})"
+    total = 0
+    for key, value in metadata.items():
+        key_bytes, value_bytes = len(key.encode()), len(value.encode())
+        if key_bytes > limits.metadata_key_bytes:
+            return "metadata_too_big", f"metadata key {_shown(key)} of {key_bytes} bytes, over " \
+                                       f"max_metadata_key_bytes ({limits.metadata_key_bytes})"
+        if value_bytes > limits.metadata_value_bytes:
+            return "metadata_too_big", f"metadata value of {_shown(key)} of {value_bytes} bytes, over " \
+                                       f"max_metadata_value_bytes ({limits.metadata_value_bytes})"
+        total += key_bytes + value_bytes
+    if total > limits.metadata_bytes:
+        return "metadata_too_big", f"{total} bytes of metadata, over max_metadata_bytes ({limits.metadata_bytes})"
+    return None
