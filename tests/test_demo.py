@@ -84,6 +84,24 @@ def test_sigterm_stops_the_demo_and_every_element() -> None:
         stop_popen(demo)
 
 
+def run_bounded(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Runs argv in a process group of its own; past `timeout` the group gets SIGTERM (the demo
+    then stops its elements), then SIGKILL, so nothing outlives the test."""
+    popen = subprocess.Popen(argv, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    try:
+        stdout, stderr = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGTERM)
+        try:
+            stdout, stderr = popen.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            stdout, stderr = popen.communicate()
+        raise AssertionError(f"{argv} did not finish in {timeout} s\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
+    return subprocess.CompletedProcess(argv, popen.returncode, stdout, stderr)
+
+
 def readme_command(heading: str) -> str:
     """The first ```bash block under a README heading: the command a newcomer types."""
     section = (REPO / "README.md").read_text().split(f"\n## {heading}\n", 1)[1]
@@ -115,8 +133,7 @@ def test_the_readme_quick_start_runs_verbatim_in_a_fresh_venv(tmp_path: Path) ->
            if not key.startswith(("PIP_", "PYTHON")) and key != "VIRTUAL_ENV"}
     env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", PIP_NO_INDEX="1",
                PIP_FIND_LINKS=str(tmp_path / "wheels"), PIP_DISABLE_PIP_VERSION_CHECK="1")
-    done = subprocess.run(["bash", "-c", command], cwd=checkout, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = run_bounded(["bash", "-c", command], cwd=checkout, env=env, timeout=300)
     assert done.returncode == 0, f"{command}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     assert (checkout / ".venv" / "bin" / "element-proxy").exists()
     warned = [line for line in (done.stdout + done.stderr).splitlines() if "warn" in line.lower()]
