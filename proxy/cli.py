@@ -18,11 +18,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from elements import logs
 from elements.allocator import limit_arenas
 from proxy import config as cfg
-from proxy.operations import admin, logs, supervisor
-from proxy.operations.listen_errors import CannotListen
 from proxy.net.worker import Worker
+from proxy.operations import admin, supervisor
+from proxy.operations.listen_errors import CannotListen
 
 log = logging.getLogger("proxy")
 
@@ -30,7 +31,7 @@ ENVIRONMENT_HELP = """environment:
   TARGET_ADDR   HOST:PORT to dial when a connection was not redirected (no original destination)
   ELEMENTS      comma-separated element addresses, in chain order (when no --element is given)
   LOG_LEVEL     debug (default) | info | warning | error
-  LOG_FORMAT    console (default) | json
+  LOG_FORMAT    console (default) | json; SDK elements and the demo read it too
   MALLOC_ARENA_MAX  glibc malloc arenas; unset, the proxy uses 2 (less memory, same speed)
   MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_  glibc malloc; both unset, 4 MiB and 8 MiB
                     (big buffers stay on the heap: fewer page faults per chunk)
@@ -106,13 +107,15 @@ async def _serve(config: cfg.ProxyConfig, argv: Sequence[str]) -> None:
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     admin_server: asyncio.AbstractServer | None = None
     try:
-        await worker.start(reuse_port=supervisor.is_worker())
+        # The admin endpoint first: a taken admin port (a second proxy on the host) fails before
+        # any listener is opened or logged; until the listeners are up /readyz says so.
         socket_path = supervisor.admin_socket()
         if socket_path:
             admin_server = await asyncio.start_unix_server(admin.handler(admin.WorkerSource(worker)), socket_path)
         elif config.admin:
             admin_server = await admin.serve(admin.WorkerSource(worker), config.admin)
             log.info("admin endpoint", extra=logs.fields(address=f"http://{config.admin}/"))
+        await worker.start(reuse_port=supervisor.is_worker())
         log.info("element-proxy ready", extra=logs.fields(**cfg.describe(config)))
         # What start-up allocated (gRPC, protobuf, modules) lives as long as the process:
         # out of the collector's sight, the collections that connections trigger stay small.

@@ -15,9 +15,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from elements.logs import LOG_FORMATS, LOG_LEVELS
+
 DEFAULT_LISTEN = ("0.0.0.0:15002", "0.0.0.0:15006")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("console", "json")
 EVENT_LOOPS = ("uvloop", "asyncio")
 FAILURE_POLICIES = ("open", "closed")
 

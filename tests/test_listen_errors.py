@@ -69,6 +69,7 @@ def test_a_taken_admin_port_is_named_and_no_worker_is_left_behind(workers: str) 
             in output)
     assert "give each its own --admin HOST:PORT, or --admin off" in output
     assert "Traceback" not in output
+    assert "listening" not in output, f"a listener came up before the admin endpoint failed:\n{output}"
     assert time.monotonic() - started < 15
 
 

@@ -20,7 +20,7 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
     finally:
         sys.path.pop(0)
     generate.generate(tmp_path)
-    for name in ("element_pb2.py", "element_pb2.pyi", "element_pb2_grpc.py"):
-        fresh = (tmp_path / name).read_text()
-        committed = (REPO / "elements" / "api" / name).read_text()
+    for name in ("element_pb2.py", "element_pb2.pyi", "element_pb2_grpc.py", generate.PROTOSET):
+        fresh = (tmp_path / name).read_bytes()
+        committed = (REPO / "elements" / "api" / name).read_bytes()
         assert fresh == committed, f"elements/api/{name} is stale: run python proto/generate.py"

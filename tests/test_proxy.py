@@ -228,7 +228,7 @@ def test_an_element_hears_each_connection_open_and_close_with_its_byte_counts() 
     """Open and Close events reach a real element through the proxy (the stock logger prints
     them): the client's address, the destination, the outcome and the bytes written each way."""
     with traffic.Server(mode="after-eof", send=10) as server:
-        logger, logger_port = start_element("elements.logger", "--format", "json")
+        logger, logger_port = start_element("elements.logger", "--log-format", "json")
         with logger, proxy([f"127.0.0.1:{logger_port}"], "--target", f"127.0.0.1:{server.port}") as (_, port):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
                 client = sock.getsockname()
@@ -237,11 +237,23 @@ def test_an_element_hears_each_connection_open_and_close_with_its_byte_counts() 
                 reply = b""
                 while data := sock.recv(65536):
                     reply += data
-            out = logger.wait_for_output('"event": "close"', timeout=5)
-    events = [json.loads(line) for line in out.splitlines() if line.startswith('{"event"')]
+            out = logger.wait_for_output('"message": "close"', timeout=5)
+    events = [entry for entry in map(json.loads, out.splitlines()) if entry["logger"] == "elements.logger"]
     opened, closed = events
-    assert opened["event"] == "open" and closed["event"] == "close" and opened["id"] == closed["id"]
+    assert opened["message"] == "open" and closed["message"] == "close" and opened["id"] == closed["id"]
     assert opened["client"] == f"{client[0]}:{client[1]}"
     assert opened["destination"] == f"127.0.0.1:{server.port}"
     assert closed["reason"] == "COMPLETED"
     assert (closed["request_bytes"], closed["response_bytes"]) == (10, len(reply))
+
+
+def test_a_connection_that_was_not_redirected_is_closed_saying_why() -> None:
+    """No original destination and no TARGET_ADDR: one line, and a destination that reads as what
+    it is, not `None`."""
+    with chain_proxy([]) as (proc, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            assert sock.recv(10) == b""
+        out = proc.wait_for_output("outcome=not_redirected")
+    (line,) = [entry for entry in out.splitlines() if "outcome=not_redirected" in entry]
+    assert "destination=none (not redirected)" in line and "None" not in line, line
+    assert "TARGET_ADDR is unset: the proxy never dials itself" in line, line

@@ -195,21 +195,56 @@ class Description(_message.Message):
     def __init__(self, name: _Optional[str] = ..., directions: _Optional[_Iterable[_Union[Direction, str]]] = ..., wants_open: _Optional[bool] = ..., mode: _Optional[_Union[Mode, str]] = ..., request_bytes_limit: _Optional[int] = ..., response_bytes_limit: _Optional[int] = ...) -> None: ...
 
 class ProcessRequest(_message.Message):
-    __slots__ = ("open", "data", "text")
+    __slots__ = ("open", "data", "text", "chunks")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     open: OpenEvent
     data: DataEvent
     text: str
-    def __init__(self, open: _Optional[_Union[OpenEvent, _Mapping]] = ..., data: _Optional[_Union[DataEvent, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
+    chunks: _containers.RepeatedCompositeFieldContainer[ProcessChunk]
+    def __init__(self, open: _Optional[_Union[OpenEvent, _Mapping]] = ..., data: _Optional[_Union[DataEvent, _Mapping]] = ..., text: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[ProcessChunk, _Mapping]]] = ...) -> None: ...
+
+class ProcessChunk(_message.Message):
+    __slots__ = ("text", "data", "direction", "end_of_stream", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    END_OF_STREAM_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    data: bytes
+    direction: Direction
+    end_of_stream: bool
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, text: _Optional[str] = ..., data: _Optional[bytes] = ..., direction: _Optional[_Union[Direction, str]] = ..., end_of_stream: _Optional[bool] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ProcessResponse(_message.Message):
-    __slots__ = ("open_verdict", "verdict", "text")
+    __slots__ = ("open_verdict", "verdict", "text", "chunks")
     OPEN_VERDICT_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     open_verdict: Verdict
     verdict: Verdict
     text: str
-    def __init__(self, open_verdict: _Optional[_Union[Verdict, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
+    chunks: _containers.RepeatedCompositeFieldContainer[ProcessResult]
+    def __init__(self, open_verdict: _Optional[_Union[Verdict, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., text: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[ProcessResult, _Mapping]]] = ...) -> None: ...
+
+class ProcessResult(_message.Message):
+    __slots__ = ("verdict", "data", "text")
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    verdict: Verdict
+    data: bytes
+    text: str
+    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., data: _Optional[bytes] = ..., text: _Optional[str] = ...) -> None: ...

@@ -74,9 +74,10 @@ class ElementServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Process(self, request, context):
-        """Runs the element on one chunk of a fresh, throw-away connection and returns
-        its verdict: `grpcurl -d '{"text": "GET /"}' host:port element.v1.Element/Process`
-        shows what an element does without a proxy in front of it.
+        """Runs the element on a fresh, throw-away connection: its Open event, the
+        chunks given, in order, then its Close; returns every verdict.
+        `grpcurl -d '{"chunks": [{"text": "FLU"}, {"text": "SHALL"}]}' host:port element.v1.Element/Process`
+        shows what an element does to a stream without a proxy in front of it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

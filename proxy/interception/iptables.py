@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import grp
+import os
 import pwd
 import shlex
 import shutil
@@ -35,6 +36,27 @@ class UsageError(Exception):
 
 class ApplyError(Exception):
     """An iptables command failed: exit 1 with the command and its stderr."""
+
+
+class Output:
+    """stdout that outlives its reader: once the reader of a pipe has gone (`show | head -1`),
+    the rest goes nowhere instead of raising BrokenPipeError, so an install or uninstall whose
+    log is cut short still runs to its end, and no traceback is printed."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> None:
+        if self.reader_gone:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            self.reader_gone = True
+            # what is still buffered goes to /dev/null when the interpreter flushes at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -176,7 +198,7 @@ def _run(command: list[str]) -> str:
         raise ApplyError(f"`{shlex.join(command)}` could not run: {error}") from error
 
 
-def _apply(commands: list[list[str]], out: TextIO) -> None:
+def _apply(commands: list[list[str]], out: Output) -> None:
     for command in commands:
         out.write(render([command]))
         _run(command)
@@ -190,7 +212,7 @@ def _removal(families: tuple[Family, ...]) -> list[list[str]]:
     return [command for family in families for command in uninstall_commands(family, _current(family))]
 
 
-def _install(capture: Capture, dry_run: bool, out: TextIO) -> None:
+def _install(capture: Capture, dry_run: bool, out: Output) -> None:
     commands = install_commands(capture)
     if dry_run:
         out.write(render(commands))
@@ -207,7 +229,7 @@ def _install(capture: Capture, dry_run: bool, out: TextIO) -> None:
         raise ApplyError(f"{error}; the partial install was removed") from error
 
 
-def _uninstall(families: tuple[Family, ...], dry_run: bool, out: TextIO) -> None:
+def _uninstall(families: tuple[Family, ...], dry_run: bool, out: Output) -> None:
     _preflight("uninstall", families)
     commands = _removal(families)
     if dry_run:
@@ -216,7 +238,7 @@ def _uninstall(families: tuple[Family, ...], dry_run: bool, out: TextIO) -> None
         _apply(commands, out)
 
 
-def _show(families: tuple[Family, ...], out: TextIO) -> None:
+def _show(families: tuple[Family, ...], out: Output) -> None:
     _preflight("show", families)
     for family in families:
         lines = our_rules(_current(family))
@@ -226,6 +248,7 @@ def _show(families: tuple[Family, ...], out: TextIO) -> None:
 
 def main(argv: list[str]) -> int:
     """Runs one subcommand; 0 on success, 2 for bad input or missing prerequisites, 1 when a command fails."""
+    out = Output(sys.stdout)
     try:
         args = _parser().parse_args(argv)
         if args.command == "install":
@@ -233,11 +256,11 @@ def main(argv: list[str]) -> int:
                 capture = _capture(args)
             except ConfigError as error:
                 raise UsageError(f"{PROG} install: error: {error}") from error
-            _install(capture, args.dry_run, sys.stdout)
+            _install(capture, args.dry_run, out)
         elif args.command == "uninstall":
-            _uninstall(_families(args), args.dry_run, sys.stdout)
+            _uninstall(_families(args), args.dry_run, out)
         else:
-            _show(_families(args), sys.stdout)
+            _show(_families(args), out)
     except UsageError as error:
         print(error, file=sys.stderr)
         return 2

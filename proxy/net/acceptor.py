@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from proxy.config import HostPort
-from proxy.operations.logs import fields
+from elements.logs import fields
 
 log = logging.getLogger("proxy")
 

@@ -24,7 +24,7 @@ from elements.api import element_pb2 as pb
 from proxy.net.acceptor import LINGER_RESET
 from proxy.chain import Direction, Flow, LaneLimits, Outcome, Payload
 from proxy.config import HostPort
-from proxy.operations.logs import fields
+from elements.logs import fields
 from proxy.sessions.plan import Chain
 from proxy.interception.origdst import original_destination
 
@@ -235,9 +235,14 @@ class Connection:
         self._log_open()
         self.flow.start()
 
+    def where(self) -> str:
+        """The destination for logs and /connections; none when the connection was not
+        redirected and TARGET_ADDR is unset (it is reset, never dialed)."""
+        return str(self.destination) if self.destination is not None else "none (not redirected)"
+
     def describe(self) -> dict[str, object]:
         """One row of the admin endpoint's /connections."""
-        return {"id": self.id, "client": str(HostPort(*self.accepted.client)), "destination": str(self.destination),
+        return {"id": self.id, "client": str(HostPort(*self.accepted.client)), "destination": self.where(),
                 "listener": str(self.accepted.listener), "request_bytes": self.request_bytes,
                 "response_bytes": self.response_bytes, "age_s": round(time.monotonic() - self.started, 3)}
 
@@ -245,7 +250,7 @@ class Connection:
         if not log.isEnabledFor(logging.DEBUG):
             return
         log.debug("connection opened", extra=fields(
-            conn=self.id, client=str(HostPort(*self.accepted.client)), destination=str(self.destination),
+            conn=self.id, client=str(HostPort(*self.accepted.client)), destination=self.where(),
             listener=str(self.accepted.listener)))
 
     # --- chain.Peer ---------------------------------------------------------------------
@@ -319,7 +324,7 @@ class Connection:
             return
         log.log(level, "connection closed", extra=fields(
             conn=self.id, outcome=outcome.name.lower(), detail=detail or None,
-            client=str(HostPort(*self.accepted.client)), destination=str(self.destination),
+            client=str(HostPort(*self.accepted.client)), destination=self.where(),
             request_bytes=self.request_bytes, response_bytes=self.response_bytes,
             duration_ms=round((time.monotonic() - self.started) * 1000, 1)))
 

@@ -23,7 +23,7 @@ from proxy.chain import LaneLimits, Outcome
 from proxy.config import HostPort, ProxyConfig, check_message_size, describe
 from proxy.net.connection import Accepted, ClientSide, Connection, ConnectionContext
 from proxy.operations.listen_errors import cannot_listen
-from proxy.operations.logs import fields
+from elements.logs import fields
 from proxy.sessions.plan import Chain
 from proxy.sessions.validate import VerdictLimits
 

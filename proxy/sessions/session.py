@@ -31,7 +31,7 @@ from proxy.chain import Action, Direction, Outcome, Payload, Peer, Resumed, Verd
 from proxy.chain.verdicts import WIRE_ACTIONS
 from proxy.config import MAX_MESSAGE_BYTES, ElementConfig
 from proxy.sessions.faultlog import FaultLog
-from proxy.operations.logs import fields
+from elements.logs import fields
 from proxy.operations.stats import ElementStats
 from proxy.sessions.validate import VerdictLimits, description_problem, verdict_problem
 from proxy.sessions.wire import (

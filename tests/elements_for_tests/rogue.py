@@ -132,14 +132,14 @@ class Rogue(pb_grpc.ElementServicer):
                             verdicts += self.judge(event.data)
                     elif kind == "close":
                         lines.append(f"event close {event.close.connection_id} {reason_name(event.close.reason)}")
+                if lines:
+                    emit("\n".join(lines))
                 if self.behaviour == "stall" and self.stalling():
                     if not releasing:
                         emit(f"stalling for {self.stall_seconds} s")
                         releasing.append(asyncio.create_task(release_after_stall()))
                     held += verdicts
                     verdicts = []
-                if lines:
-                    emit("\n".join(lines))
                 if verdicts:
                     outbox.put_nowait(verdicts)
             outbox.put_nowait(None)

@@ -1,8 +1,9 @@
-"""Log setup: one line per connection event, structured fields, console or JSON.
+"""Log setup for the proxy and every SDK element: structured fields, console or JSON.
 
 Call sites pass fields as `extra={"fields": {...}}`; the console formatter appends
 them as key=value, the JSON formatter merges them into the object, so switching
-LOG_FORMAT never changes what is logged.
+LOG_FORMAT never changes what is logged. It lives in the elements package, which
+never imports the proxy, so an element and the proxy print the same lines.
 """
 
 from __future__ import annotations
@@ -45,10 +46,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+LOG_FORMATS = ("console", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    """The formatter for LOG_FORMAT `console` or `json`."""
+    return JsonFormatter() if log_format == "json" else ConsoleFormatter()
+
+
 def setup(level: str, log_format: str) -> None:
-    """Configures the root logger once per process (each worker calls it)."""
+    """Configures the root logger once per process (each proxy worker, each element calls it)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else ConsoleFormatter())
+    handler.setFormatter(formatter(log_format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

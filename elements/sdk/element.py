@@ -1,0 +1,188 @@
+"""What an element is made of: the class to subclass, the types its hooks see, the verdicts they return.
+
+Protobuf types stay out of this: hooks see `Connection` and `Chunk` and return `Verdict`s;
+the enums' values are the proto's (tests/test_enums.py pins them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Self, cast
+
+from elements.api import element_pb2 as pb
+
+
+class Direction(enum.IntEnum):
+    """Which way a chunk travels (values are the proto's, so they compare equal to them)."""
+
+    REQUEST = pb.DIRECTION_REQUEST
+    RESPONSE = pb.DIRECTION_RESPONSE
+
+
+class Mode(enum.IntEnum):
+    """INLINE: the proxy waits for every verdict. OBSERVE: a tap, never waited for."""
+
+    INLINE = pb.MODE_INLINE
+    OBSERVE = pb.MODE_OBSERVE
+
+
+class Action(enum.IntEnum):
+    """What the proxy does with the chunk (see the proto for Open and end-of-stream rules)."""
+
+    PASS = pb.ACTION_PASS
+    DROP = pb.ACTION_DROP
+    CLOSE = pb.ACTION_CLOSE
+    RESET = pb.ACTION_RESET
+
+
+class CloseReason(enum.IntEnum):
+    """Why the proxy ended a connection."""
+
+    UNSPECIFIED = pb.CLOSE_REASON_UNSPECIFIED
+    COMPLETED = pb.CLOSE_REASON_COMPLETED
+    CLOSED_BY_ELEMENT = pb.CLOSE_REASON_CLOSED_BY_ELEMENT
+    RESET_BY_ELEMENT = pb.CLOSE_REASON_RESET_BY_ELEMENT
+    PEER_RESET = pb.CLOSE_REASON_PEER_RESET
+    UPSTREAM_UNREACHABLE = pb.CLOSE_REASON_UPSTREAM_UNREACHABLE
+    FAILURE = pb.CLOSE_REASON_FAILURE
+    IDLE_TIMEOUT = pb.CLOSE_REASON_IDLE_TIMEOUT
+    MAX_DURATION = pb.CLOSE_REASON_MAX_DURATION
+    PROXY_STOPPING = pb.CLOSE_REASON_PROXY_STOPPING
+
+
+# A dict lookup, not Direction(value): this runs for every chunk.
+DIRECTION_OF = {int(d): d for d in Direction}
+
+
+class Address(NamedTuple):
+    """An IP endpoint; unpacks as (ip, port). Empty when the proxy did not say."""
+
+    ip: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if not self.ip:
+            return "-"
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+@dataclass(slots=True)
+class Connection:
+    """One proxied connection as an element sees it; lives from its first event to Close.
+
+    `metadata` accumulates the metadata of its Open and Data events; `state` is the
+    element's own per-connection scratch space, dropped with the connection.
+    `resumed` is set when the proxy announced the connection to this session after it
+    had started (an element restart, a reconnect): whatever the element kept about its
+    earlier bytes (`request_bytes`/`response_bytes` of them were written) is not here.
+    """
+
+    id: str
+    client: Address = Address()
+    original_destination: Address = Address()
+    listener: Address = Address()
+    metadata: dict[str, str] = field(default_factory=dict)
+    state: dict[Any, Any] = field(default_factory=dict)
+    resumed: bool = False
+    request_bytes: int = 0
+    response_bytes: int = 0
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Bytes of one direction, as earlier elements left them."""
+
+    sequence: int
+    direction: Direction
+    data: bytes
+    end_of_stream: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A hook's answer. Build it with Pass(), Drop(), Close() or Reset()."""
+
+    action: Action
+    data: bytes | None = None
+    metadata: Mapping[str, str] | None = None
+
+
+def Pass(data: bytes | None = None, metadata: Mapping[str, str] | None = None) -> Verdict:  # noqa: N802
+    """Forward the chunk, or `data` in its place when given (may be empty, shorter, longer)."""
+    return Verdict(Action.PASS, data, metadata)
+
+
+def Drop(metadata: Mapping[str, str] | None = None) -> Verdict:  # noqa: N802
+    """Discard this chunk only; the connection stays up."""
+    return Verdict(Action.DROP, None, metadata)
+
+
+def Close(metadata: Mapping[str, str] | None = None) -> Verdict:  # noqa: N802
+    """End the connection gracefully: FIN both ways after what was read before this chunk."""
+    return Verdict(Action.CLOSE, None, metadata)
+
+
+def Reset(metadata: Mapping[str, str] | None = None) -> Verdict:  # noqa: N802
+    """Abort the connection: RST both ways, nothing pending is written."""
+    return Verdict(Action.RESET, None, metadata)
+
+
+HookResult = Verdict | None | Awaitable[Verdict | None]
+
+
+class Element:
+    """Base class of every element: class attributes say what it wants, hooks judge.
+
+    Each hook may be a plain function or `async def`. A hook returning None passes.
+    Instances may override the class attributes in `__init__` (say, from options).
+    """
+
+    name: str = ""
+    wants_open: bool = False
+    mode: Mode = Mode.INLINE
+    directions: tuple[Direction, ...] = (Direction.REQUEST, Direction.RESPONSE)
+    request_bytes_limit: int = 0
+    response_bytes_limit: int = 0
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Declares the element's own command-line options (none by default)."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Self:
+        """Builds the element from parsed options; a ValueError becomes a usage error (exit 2)."""
+        return cls()
+
+    def on_open(self, conn: Connection) -> HookResult:
+        """A connection was accepted (only when `wants_open`); may reject it before dialing.
+        Also called with `conn.resumed` for a connection already under way when this session
+        began: CLOSE or RESET end it, None keeps it."""
+        return None
+
+    def on_data(self, conn: Connection, chunk: Chunk) -> HookResult:
+        """Judges one chunk; chunks of one connection arrive in order."""
+        return None
+
+    def on_close(self, conn: Connection, reason: CloseReason, request_bytes: int,
+                 response_bytes: int) -> None | Awaitable[None]:
+        """The connection ended; its Connection is forgotten right after."""
+        return None
+
+    def describe(self) -> pb.Description:
+        """The proto Description of this element, checked so a bad one fails at start."""
+        directions = [int(d) for d in self.directions]
+        if not set(directions) <= set(DIRECTION_OF):
+            raise ValueError(f"{type(self).__name__}.directions={self.directions!r}: allowed are "
+                             f"Direction.REQUEST and Direction.RESPONSE")
+        # the generated stubs type enum fields as their own classes; on the wire they are ints
+        return pb.Description(
+            name=self.name or type(self).__name__.lower(), directions=cast("list[pb.Direction]", directions),
+            wants_open=self.wants_open, mode=cast("pb.Mode", int(self.mode)),
+            request_bytes_limit=self.request_bytes_limit, response_bytes_limit=self.response_bytes_limit,
+        )
+
+
