@@ -57,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     add("--element-failure", choices=cfg.FAILURE_POLICIES,
         help="failure policy of --element/ELEMENTS elements (default closed)")
     add("--element-timeout-ms", type=int, help="per-event timeout of --element/ELEMENTS elements (default 1000)")
+    add("--element-resolve-interval-ms", type=int,
+        help="how often --element/ELEMENTS names are resolved again for their replicas (default 5000; "
+             "0: at start and when a session is lost only)")
+    add("--element-tls-ca", metavar="PEM", help="TLS to --element/ELEMENTS elements, trusting this CA")
+    add("--element-tls-cert", metavar="PEM", help="the proxy's client certificate for them (mTLS)")
+    add("--element-tls-key", metavar="PEM", help="the private key of --element-tls-cert")
+    add("--element-tls-server-name", metavar="NAME",
+        help="the name their certificates must carry (default: the host of each --element address)")
     add("--target", metavar="HOST:PORT", help="fallback destination, like TARGET_ADDR")
     add("--chunk-size", type=int, help="largest chunk sent to elements, bytes (default 65536)")
     add("--window", type=int, help="chunks in flight per direction of a connection (default 8)")

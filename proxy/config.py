@@ -8,12 +8,16 @@ exit non-zero with one clear line instead of failing later on a connection.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from elements.logs import LOG_FORMATS, LOG_LEVELS
 
@@ -52,6 +56,29 @@ class HostPort:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientCertificate:
+    """What the proxy knows of its own client certificate, to say why an element may refuse it:
+    over TLS 1.3 the element's refusal reaches the proxy as a closed socket, nothing more."""
+
+    subject: str
+    issuer: str
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """The element channel's TLS material, read when the configuration is loaded (so a SIGHUP
+    with rotated files makes a new chain, and a missing file is refused at once). Never shown:
+    describe() lists the paths, not this."""
+
+    ca: bytes
+    cert: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)
+    client: ClientCertificate | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ElementConfig:
     """One element of the chain and how the proxy treats its failures."""
 
@@ -64,10 +91,21 @@ class ElementConfig:
     breaker_window_ms: int = 10000
     breaker_failure_percent: int = 10
     breaker_min_events: int = 20
+    resolve_interval_ms: int = 5000
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_server_name: str = ""
+    tls: TlsFiles | None = None  # read from the tls_* files; None: plaintext
 
     @property
     def fail_open(self) -> bool:
         return self.failure == "open"
+
+    @property
+    def server_name(self) -> str:
+        """The name the element's certificate must carry: tls_server_name, else the address's host."""
+        return self.tls_server_name or parse_host_port("address", self.address).host
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +199,9 @@ ELEMENT_LIMITS = {
     "breaker_window_ms": Limit(1, 3_600_000),
     "breaker_failure_percent": Limit(0, 100, "off"),
     "breaker_min_events": Limit(1, 1_000_000),
+    "resolve_interval_ms": Limit(0, DAY_MS, "at start and when a session is lost only"),
 }
+TLS_KEYS = ("tls_ca", "tls_cert", "tls_key", "tls_server_name")
 
 
 def _elements(key: str, entries: Sequence[str], given: object,
@@ -180,7 +220,7 @@ def _element(key: str, address: str, defaults: Mapping[str, Any]) -> ElementConf
 
 
 def _checked_element(key: str, table: Mapping[str, Any]) -> ElementConfig:
-    allowed = {f.name for f in fields(ElementConfig)}
+    allowed = {f.name for f in fields(ElementConfig)} - {"tls"}  # tls: read from the tls_* files
     for name in table:
         if name not in allowed:
             raise ConfigError(f"{key}.{name}: unknown key; allowed: {', '.join(sorted(allowed))}")
@@ -189,11 +229,61 @@ def _checked_element(key: str, table: Mapping[str, Any]) -> ElementConfig:
     address = _typed(f"{key}.address", table["address"], str)
     parse_host_port(f"{key}.address", address)
     defaults = ElementConfig(address)
+    tls = {name: _typed(f"{key}.{name}", table.get(name, ""), str) for name in TLS_KEYS}
+    numbers: dict[str, Any] = {name: limit.check(f"{key}.{name}", table.get(name, getattr(defaults, name)))
+                               for name, limit in ELEMENT_LIMITS.items()}
     return ElementConfig(
         address=address, name=_typed(f"{key}.name", table.get("name", ""), str),
         failure=_choice(f"{key}.failure", table.get("failure", defaults.failure), FAILURE_POLICIES),
-        **{name: limit.check(f"{key}.{name}", table.get(name, getattr(defaults, name)))
-           for name, limit in ELEMENT_LIMITS.items()})
+        **numbers, **tls, tls=_tls_files(key, tls))
+
+
+def _tls_files(key: str, paths: Mapping[str, str]) -> TlsFiles | None:
+    """Reads and checks the element's TLS files: TLS is on when tls_ca is given; a client
+    certificate (mTLS) needs tls_cert and tls_key together."""
+    if not any(paths.values()):
+        return None
+    if not paths["tls_ca"]:
+        given = ", ".join(name for name, value in paths.items() if value)
+        raise ConfigError(f"{key}.tls_ca: missing; {given} need TLS, which tls_ca turns on: the PEM file of the "
+                          "CA that signed the element's certificate")
+    if bool(paths["tls_cert"]) != bool(paths["tls_key"]):
+        raise ConfigError(f"{key}.tls_cert, {key}.tls_key: give both (the proxy's client certificate and its "
+                          "private key, PEM) or neither")
+    ca = _pem(f"{key}.tls_ca", paths["tls_ca"])
+    try:
+        x509.load_pem_x509_certificates(ca)
+    except ValueError as error:
+        raise ConfigError(f"{key}.tls_ca: {paths['tls_ca']} holds no PEM certificate ({error})") from None
+    if not paths["tls_cert"]:
+        return TlsFiles(ca)
+    cert, key_pem = _pem(f"{key}.tls_cert", paths["tls_cert"]), _pem(f"{key}.tls_key", paths["tls_key"])
+    return TlsFiles(ca, cert, key_pem, _client_certificate(key, paths, cert, key_pem))
+
+
+def _client_certificate(key: str, paths: Mapping[str, str], cert_pem: bytes, key_pem: bytes) -> ClientCertificate:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as error:
+        raise ConfigError(f"{key}.tls_cert: {paths['tls_cert']} holds no PEM certificate ({error})") from None
+    try:
+        private = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{key}.tls_key: {paths['tls_key']} holds no unencrypted PEM private key "
+                          f"({error})") from None
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(*raw) != cert.public_key().public_bytes(*raw):
+        raise ConfigError(f"{key}.tls_key: {paths['tls_key']} is not the key of the certificate in "
+                          f"{paths['tls_cert']} (tls_cert)")
+    return ClientCertificate(cert.subject.rfc4514_string(), cert.issuer.rfc4514_string(),
+                             cert.not_valid_before_utc, cert.not_valid_after_utc)
+
+
+def _pem(key: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{key}: cannot read {path}: {error.strerror or error}") from error
 
 
 def _shown(value: Any) -> str:
@@ -269,9 +359,11 @@ def build(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, A
 
 # The seed's environment variables and the settings they stand for.
 _ENV_KEYS = {"TARGET_ADDR": "target", "LOG_LEVEL": "log_level", "LOG_FORMAT": "log_format"}
-# --element-failure and --element-timeout-ms, and the option each sets on every --element or
-# ELEMENTS element (a file's [[element]] table sets its own).
-_ELEMENT_FLAGS = {"element_failure": "failure", "element_timeout_ms": "timeout_ms"}
+# --element-failure, --element-timeout-ms, --element-tls-*, and the option each sets on every
+# --element or ELEMENTS element (a file's [[element]] table sets its own).
+_ELEMENT_FLAGS = {"element_failure": "failure", "element_timeout_ms": "timeout_ms",
+                  "element_resolve_interval_ms": "resolve_interval_ms",
+                  **{f"element_{name}": name for name in TLS_KEYS}}
 
 
 def _merged(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, Any]) -> dict[str, Any]:
@@ -387,7 +479,8 @@ def describe(config: ProxyConfig) -> dict[str, Any]:
         "listen": [str(a) for a in config.listen],
         "target": str(config.target) if config.target else None,
         "admin": str(config.admin) if config.admin else "off",
-        "elements": [{f.name: getattr(e, f.name) for f in fields(ElementConfig)} for e in config.elements],
+        "elements": [{f.name: getattr(e, f.name) for f in fields(ElementConfig) if f.name != "tls"}
+                     for e in config.elements],
         **{f.name: getattr(config, f.name) for f in fields(ProxyConfig)
            if f.name not in ("listen", "target", "elements", "admin")},
     }
