@@ -11,6 +11,7 @@ import pytest
 
 from proxy.sessions.breaker import Breaker
 from proxy.config import ElementConfig
+from proxy.sessions.endpoint import Endpoint
 from proxy.sessions.faultlog import FaultLog
 
 CONFIG = ElementConfig("127.0.0.1:1", breaker_failures=5, breaker_window_ms=10_000, breaker_failure_percent=10,
@@ -23,7 +24,7 @@ def run_breaker(script: Callable[[Breaker], None], config: ElementConfig = CONFI
     changes = []
 
     async def main() -> Breaker:
-        breaker = Breaker(config, "e", lambda: changes.append(1))
+        breaker = Breaker(config, "e", lambda: changes.append(1), Endpoint(config.address, config).channel)
         script(breaker)
         await breaker.stop()
         return breaker

@@ -91,6 +91,7 @@ class Side:
     read_end: str = ""   # eof | reset | error: ... ("" while reading)
     write_end: str = ""  # done | reset | error: ...
     connected: bool = False
+    local: str = ""  # the client's own address, as the proxy logs it ("client")
     stalled_at: float = 0.0
     ended_at: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
@@ -276,6 +277,7 @@ async def client(port: int, key: int, kind: int = EXCHANGE, send: int = 0, serve
         side.done.set()
         return side
     side.connected = True
+    side.local = "%s:%d" % writer.get_extra_info("sockname")[:2]
     reading = read_side(reader, side, stall_after, stall)
     try:
         if gate is not None:
@@ -645,6 +647,7 @@ def test_a_session_whose_write_fails_first_reconnects(monkeypatch: pytest.Monkey
     from proxy.sessions import session as session_module
     from proxy.chain import Direction
     from proxy.config import ElementConfig
+    from proxy.sessions.endpoint import Endpoint
     from proxy.sessions.validate import VerdictLimits
 
     opened: list[_FinishedCall] = []
@@ -669,8 +672,9 @@ def test_a_session_whose_write_fails_first_reconnects(monkeypatch: pytest.Monkey
     monkeypatch.setattr(session_module, "open_session", open_session)
 
     async def main() -> tuple[int, BaseException | None]:
-        session = session_module.ElementSession(
-            0, ElementConfig(address="127.0.0.1:9", failure="open"), lambda: None, VerdictLimits(1 << 20))
+        config = ElementConfig(address="127.0.0.1:9", failure="open")
+        session = session_module.ElementSession(0, config, lambda: None, VerdictLimits(1 << 20),
+                                                Endpoint(config.address, config))
         session.start()
         await wait_async(lambda: session.up, 5, "session up")
         session.send_data("c1", 1, Direction.REQUEST, b"x", False, None, Target(), 0)
@@ -695,6 +699,7 @@ def test_a_session_hit_by_an_unexpected_error_logs_it_and_redials(
     from proxy.sessions import session as session_module
     from proxy.chain import Action, Direction
     from proxy.config import ElementConfig
+    from proxy.sessions.endpoint import Endpoint
     from proxy.sessions.validate import VerdictLimits
 
     _, address = h.element(PASSTHROUGH)
@@ -716,8 +721,9 @@ def test_a_session_hit_by_an_unexpected_error_logs_it_and_redials(
     monkeypatch.setattr(session_module, "session_request", session_request_failing_once)
 
     async def main() -> None:
-        session = session_module.ElementSession(0, ElementConfig(address=address, failure="closed"),
-                                                lambda: None, VerdictLimits(1 << 20))
+        config = ElementConfig(address=address, failure="closed")
+        session = session_module.ElementSession(0, config, lambda: None, VerdictLimits(1 << 20),
+                                                Endpoint(address, config))
         session.start()
         await wait_async(lambda: session.up, 5, "session up")
         session.send_data("c1", 1, Direction.REQUEST, b"x", False, None, Target(), 0)
@@ -1157,7 +1163,7 @@ def test_session_ended_by_the_element_mid_batch(h: Harness, how: str) -> None:
             assert took < 1.0, f"the pending events got the policy only after {took:.2f}s"
             assert p.element("failures_total", cause="session_down") == 2
         assert "2 events unanswered (session_down), failure policy" in p.log()
-        assert ("ended its session" if how == "hangup" else "unavailable, retrying: INTERNAL") in p.log()
+        assert ("ended its session" if how == "hangup" else "session lost, redialing: INTERNAL") in p.log()
         wait_for(lambda p=p: p.element("session_up") == 1, 3, "session back up")
         still_serving(p)
 

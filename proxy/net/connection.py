@@ -208,7 +208,7 @@ class Connection:
         self.chain.acquire()
         self.request_bytes = 0
         self.response_bytes = 0
-        self.flow: Flow = Flow(self.chain.plan, context.limits, self, self.chain.sessions, self)
+        self.flow: Flow = Flow(self.chain.plan, context.limits, self, self.chain.ports, self)
         self.paused = {Direction.REQUEST: 0, Direction.RESPONSE: PAUSE_STARTING}
         self.eof_after_drain: set[Direction] = set()
         self.early: list[Payload] = []

@@ -24,6 +24,7 @@ from proxy.config import HostPort, ProxyConfig, check_message_size, describe
 from proxy.net.connection import Accepted, ClientSide, Connection, ConnectionContext
 from proxy.operations.listen_errors import cannot_listen
 from elements.logs import fields
+from proxy.sessions.fleet import Fleet
 from proxy.sessions.plan import Chain
 from proxy.sessions.validate import VerdictLimits
 
@@ -159,8 +160,7 @@ class Worker:
             "closed": dict(self.outcomes),
             "refused": self.refused,
             "bytes": written,
-            "elements": {f"{s.index}:{s.name}": s.stats.snapshot(s.up, s.tripped, s.problem is not None)
-                         for s in self.chain.sessions},
+            "elements": {f"{fleet.index}:{fleet.name}": fleet.snapshot() for fleet in self.chain.fleets},
         }
 
     def connection_list(self) -> list[dict[str, Any]]:
@@ -171,10 +171,7 @@ class Worker:
         reasons = ["draining"] if self.draining else []
         if not self.acceptors or not all(acceptor.serving for acceptor in self.acceptors):
             reasons.append("not listening")
-        reasons += [f"element {s.name} (fail-closed) session down" + (f": invalid Describe, {s.problem}"
-                                                                     if s.problem else "")
-                    for s in self.chain.sessions if not s.up and not s.config.fail_open]
-        return reasons
+        return reasons + [_down(fleet) for fleet in self.chain.fleets if not fleet.up and not fleet.config.fail_open]
 
     async def reload(self, config: ProxyConfig) -> None:
         """SIGHUP: a new chain for new connections, once its elements answer; open connections keep theirs."""
@@ -215,6 +212,12 @@ class Worker:
         await self.chain.stop()
 
 
+def _down(fleet: Fleet) -> str:
+    """Why a fail-closed element makes this worker unready: no replica of it is up."""
+    why = fleet.unresolved() or (f"invalid Describe, {fleet.problem}" if fleet.problem else "")
+    return f"element {fleet.name} (fail-closed) session down" + (f": {why}" if why else "")
+
+
 def verdict_limits(config: ProxyConfig) -> VerdictLimits:
     return VerdictLimits(config.max_replacement_bytes, config.max_metadata_entries, config.max_metadata_key_bytes,
                          config.max_metadata_value_bytes, config.max_metadata_bytes)
@@ -225,7 +228,7 @@ async def _start_chain(chain: Chain) -> None:
     deadline = time.monotonic() + STARTUP_WAIT
     while not chain.settled and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
-    for session in chain.sessions:
-        if not session.up:
+    for fleet in chain.fleets:
+        if not fleet.up:
             log.warning("element %s not reachable; its failure policy (%s) applies until it is",
-                        session.name, session.config.failure)
+                        fleet.name, fleet.config.failure)

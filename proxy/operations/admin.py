@@ -50,7 +50,9 @@ async def _route(source: AdminSource, path: str) -> Response:
         return 200, "text/plain", b"ok\n"
     if path == "/readyz":
         reasons = await source.unready()
-        return _json(503 if reasons else 200, {"ready": not reasons, "reasons": reasons})
+        elements = (await source.snapshot()).get("elements", {})
+        return _json(503 if reasons else 200, {"ready": not reasons, "reasons": reasons, "endpoints": {
+            key: element.get("endpoints", {}) for key, element in elements.items()}})
     if path == "/config":
         return _json(200, source.config())
     if path == "/connections":

@@ -66,6 +66,16 @@ class _SnapshotCollector:
                                           labels=labels)
         latency = HistogramMetricFamily("element_proxy_element_latency_seconds",
                                         "From sending an event to its verdict.", labels=labels)
+        replica = [*labels, "endpoint"]
+        endpoint_up = GaugeMetricFamily("element_proxy_element_endpoint_up", "Worker sessions to this replica "
+                                        "(an address the element's name resolves to) that are up.", labels=replica)
+        endpoint_draining = GaugeMetricFamily("element_proxy_element_endpoint_draining", "Worker sessions to this "
+                                              "replica that see it draining (health NOT_SERVING or GOAWAY): it gets "
+                                              "no new connections.", labels=replica)
+        endpoint_connections = GaugeMetricFamily("element_proxy_element_endpoint_connections",
+                                                 "Open connections assigned to this replica.", labels=replica)
+        endpoint_events = CounterMetricFamily("element_proxy_element_endpoint_events", "Events sent to this "
+                                              "replica.", labels=replica)
         for key, element in sorted(elements.items()):
             position, name = key.split(":", 1)
             values = [position, name]
@@ -88,7 +98,13 @@ class _SnapshotCollector:
                 cumulative += count
                 buckets.append((bound, cumulative))
             latency.add_metric(values, buckets, element["latency"]["sum"])
-        yield from (up, breaker, describe_invalid, events, batches, verdicts, failures, invalid, closes_lost, latency)
+            for endpoint, seen in sorted(element.get("endpoints", {}).items()):
+                endpoint_up.add_metric([*values, endpoint], seen["up"])
+                endpoint_draining.add_metric([*values, endpoint], seen["draining"])
+                endpoint_connections.add_metric([*values, endpoint], seen["connections"])
+                endpoint_events.add_metric([*values, endpoint], seen["events"])
+        yield from (up, breaker, describe_invalid, events, batches, verdicts, failures, invalid, closes_lost, latency,
+                    endpoint_up, endpoint_draining, endpoint_connections, endpoint_events)
 
 
 def render(snapshot: dict[str, Any]) -> bytes:

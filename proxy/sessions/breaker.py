@@ -28,10 +28,14 @@ SLOTS = 10
 
 
 class Breaker:
-    """`name` is the element's as logged; `on_change` replans the chain when it opens or closes."""
+    """`name` is the element's as logged; `on_change` replans the chain when it opens or closes;
+    `dial` makes the probe's channel, with the session's own credentials (a probe that skipped TLS
+    would pass for an element the session cannot use)."""
 
-    def __init__(self, config: ElementConfig, name: str, on_change: Callable[[], None]) -> None:
+    def __init__(self, config: ElementConfig, name: str, on_change: Callable[[], None],
+                 dial: Callable[[], grpc.aio.Channel]) -> None:
         self.config = config
+        self._dial = dial
         self.name = name
         self.tripped = False
         self.in_a_row = 0
@@ -102,7 +106,7 @@ class Breaker:
         timeout = self.config.timeout_ms / 1000
         while self.tripped:
             await asyncio.sleep(self.config.breaker_cooldown_ms / 1000)
-            async with grpc.aio.insecure_channel(self.config.address) as channel:
+            async with self._dial() as channel:
                 try:
                     health = await health_pb2_grpc.HealthStub(channel).Check(
                         health_pb2.HealthCheckRequest(), timeout=timeout)

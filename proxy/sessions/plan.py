@@ -1,4 +1,5 @@
-"""The chain this worker runs: one session per element and the plan their descriptions give.
+"""The chain this worker runs: one fleet per element (a session per replica, fleet.py) and the
+plan their descriptions give.
 
 The plan is rebuilt only when a session (re)describes its element, then shared by
 every new connection; a connection keeps the plan it started with.
@@ -9,9 +10,9 @@ from __future__ import annotations
 import asyncio
 
 from elements.api import element_pb2 as pb
-from proxy.chain import ChainPlan, Direction, Stage
+from proxy.chain import ChainPlan, Direction, ElementPort, Stage
 from proxy.config import ElementConfig
-from proxy.sessions.session import ElementSession
+from proxy.sessions.fleet import Fleet
 from proxy.sessions.validate import VerdictLimits
 
 
@@ -45,39 +46,40 @@ def plan_for(descriptions: list[pb.Description | None], names: tuple[str, ...] =
 
 
 class Chain:
-    """Element sessions of one worker and the current plan."""
+    """The element fleets of one worker, the ports flows talk to, and the current plan."""
 
     def __init__(self, elements: tuple[ElementConfig, ...], limits: VerdictLimits) -> None:
         self.elements = elements
-        self.sessions = [ElementSession(i, e, self._replan, limits) for i, e in enumerate(elements)]
-        self.plan = plan_for([None] * len(self.sessions), tuple(s.name for s in self.sessions))
+        self.fleets = [Fleet(i, e, self._replan, limits) for i, e in enumerate(elements)]
+        self.ports: list[ElementPort] = [fleet.port for fleet in self.fleets]
+        self.plan = plan_for([None] * len(self.fleets), tuple(f.name for f in self.fleets))
         self.users = 0
         self.retired = False
 
     def _replan(self) -> None:
-        self.plan = plan_for([s.description for s in self.sessions], tuple(s.name for s in self.sessions),
-                             frozenset(s.index for s in self.sessions if s.tripped and s.config.fail_open))
+        self.plan = plan_for([f.description for f in self.fleets], tuple(f.name for f in self.fleets),
+                             frozenset(f.index for f in self.fleets if f.tripped and f.config.fail_open))
 
     def refusing(self) -> str | None:
-        """Why new connections are refused: a fail-closed element whose breaker is open."""
-        for session in self.sessions:
-            if session.tripped and not session.config.fail_open:
-                return f"element {session.name} (fail-closed) circuit breaker open"
+        """Why new connections are refused: a fail-closed element whose every breaker is open."""
+        for fleet in self.fleets:
+            if fleet.tripped and not fleet.config.fail_open:
+                return f"element {fleet.name} (fail-closed) circuit breaker open"
         return None
 
     def start(self) -> None:
-        for session in self.sessions:
-            session.start()
+        for fleet in self.fleets:
+            fleet.start()
 
     @property
     def settled(self) -> bool:
-        """Every element answered: its session is up, or its Describe was refused (which only a
+        """Every element answered: a replica is up, or its Describe was refused (which only a
         restart of the element changes, so start-up does not wait for it)."""
-        return all(session.up or session.problem is not None for session in self.sessions)
+        return all(fleet.settled for fleet in self.fleets)
 
     async def stop(self) -> None:
-        for session in self.sessions:
-            await session.stop()
+        for fleet in self.fleets:
+            await fleet.stop()
 
     def acquire(self) -> None:
         """A connection starts on this chain; it keeps it until it ends, even across a reload."""

@@ -11,7 +11,11 @@ fail-open passes the chunk unchanged, fail-closed resets the connection.
 What the element sends is checked (validate.py) and what it gets wrong stays with the
 connection it concerns. Because a new session may be a new element process, it is told
 about every live connection it must know of (a resumed Open) and about the connections
-that ended while it was away (their Close), before anything else.
+that ended while it was away (their Close), before anything else. A connection moved here
+from a replica that was lost (fleet.py) is announced the same way.
+
+A session talks to one endpoint (endpoint.py): one replica of the element, plaintext or TLS;
+while it is up, drain.py watches whether that replica is draining.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from elements.api import element_pb2_grpc as pb_grpc
 from proxy.sessions.breaker import Breaker
 from proxy.chain import Action, Direction, Outcome, Payload, Peer, Resumed, VerdictTarget
 from proxy.chain.verdicts import WIRE_ACTIONS
-from proxy.config import MAX_MESSAGE_BYTES, ElementConfig
+from proxy.config import ElementConfig
+from proxy.sessions.drain import DrainWatch
+from proxy.sessions.endpoint import Endpoint
 from proxy.sessions.faultlog import FaultLog
 from elements.logs import fields
 from proxy.operations.stats import ElementStats
@@ -64,17 +70,6 @@ COALESCE_BELOW_BYTES = 16 * 1024
 BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 0.5
 DESCRIBE_TIMEOUT = 2.0
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # gRPC servers refuse pings more often than every 5 minutes by default (GOAWAY
-    # "too_many_pings", which would drop the session): a dead element shows up as a
-    # broken connection long before a keepalive would notice anyway.
-    ("grpc.keepalive_time_ms", 300_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.max_reconnect_backoff_ms", 500),
-]
 # The stats key of a verdict by (is it Open's, action): looked up, not formatted, per verdict.
 # An action missing here is one the proxy does not know.
 _VERDICT_KEYS = {(is_open, int(action)): f"{'open' if is_open else 'data'}/{action.name.lower()}"
@@ -95,19 +90,21 @@ class InvalidDescription(Exception):
 
 
 class ElementSession:
-    """Keeps one Session stream to one element open, reconnecting with capped backoff."""
+    """Keeps one Session stream to one replica of an element open, reconnecting with capped backoff."""
 
     def __init__(self, index: int, config: ElementConfig, on_describe: Callable[[], None],
-                 limits: VerdictLimits) -> None:
+                 limits: VerdictLimits, endpoint: Endpoint) -> None:
         self.index = index
         self.config = config
+        self.endpoint = endpoint
         self.name = config.name or config.address
         self.description: pb.Description | None = None
         self.problem: str | None = None  # why the last Describe could not be honoured
         self.up = False
         self._observer = False
         self.stats = ElementStats()
-        self.breaker = Breaker(config, self.name, on_describe)
+        self.breaker = Breaker(config, self.name, on_describe, endpoint.channel)
+        self.drain = DrainWatch(self._where, on_describe)
         self.faults = FaultLog(log, f"element {self.name}")
         self._limits = limits
         self._max_replacement = limits.replacement_bytes
@@ -127,6 +124,11 @@ class ElementSession:
     def tripped(self) -> bool:
         return self.breaker.tripped
 
+    @property
+    def connections(self) -> int:
+        """Live connections that use this replica."""
+        return len(self._live)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"session-{self.name}")
 
@@ -140,6 +142,19 @@ class ElementSession:
     def track(self, connection: Peer) -> None:
         """The connection sends this element its first event: announce it to every later session."""
         self._live[connection.id] = connection
+
+    def adopt(self, connection: Peer) -> None:
+        """A live connection moved here from a replica that was lost: announced as resumed (at once
+        when up, else when the session comes up), before any further event of it."""
+        self._live[connection.id] = connection
+        if self.up:
+            self._announce(connection, time.monotonic())
+
+    def hand_over(self) -> list[Peer]:
+        """Gives up every live connection (they move to another replica): this session is told no
+        Close for them, and a later session of it does not hear of them."""
+        live, self._live = list(self._live.values()), {}
+        return live
 
     def send_open(self, connection: Peer, metadata: Mapping[str, str], target: VerdictTarget | None,
                   pos: int) -> None:
@@ -210,38 +225,51 @@ class ElementSession:
     async def _run(self) -> None:
         backoff = BACKOFF_FIRST
         while True:
-            channel = grpc.aio.insecure_channel(self.config.address, options=CHANNEL_OPTIONS)
+            channel = self.endpoint.channel()
             try:
                 stub = pb_grpc.ElementStub(channel)
                 self._accept(await stub.Describe(pb.DescribeRequest(), timeout=DESCRIBE_TIMEOUT))
                 call = open_session(channel)
+                self.drain.start(channel)
                 self._come_up()
                 backoff = BACKOFF_FIRST
                 await self._stream(call)
-                log.warning("element %s ended its session", self.name)
+                log.log(logging.INFO if self.drain.draining else logging.WARNING, "element %s ended its session%s",
+                        self._where(), " (it was draining)" if self.drain.draining else "")
             except InvalidDescription:
                 pass  # said once by _accept; asked again after the backoff, in case it was fixed
             except grpc.aio.AioRpcError as error:
-                log.log(logging.WARNING if backoff == BACKOFF_FIRST else logging.DEBUG,
-                        "element %s at %s unavailable, retrying: %s %s", self.name, self.config.address,
-                        error.code().name, error.details())
+                self._unavailable(error, backoff == BACKOFF_FIRST)
             except Exception:
                 # a bug of ours must not leave the element unused until restart: log it, redial
-                log.exception("element %s session failed; redialing", self.name)
+                log.exception("element %s session failed; redialing", self._where())
             finally:
                 was_up, self.up = self.up, False
                 self._outbox.clear()
                 self._outbox_bytes = 0
                 self._fail_all("session_down")
-                await channel.close(None)
                 if was_up:
-                    self._on_describe()
+                    self._on_describe()  # before any await: the live connections move to a replica that is up
+                await self.drain.stop()
+                await channel.close(None)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_CAP)
 
+    def _unavailable(self, error: grpc.aio.AioRpcError, first: bool) -> None:
+        """One warning when the session breaks or the replica cannot be reached (naming the TLS reason
+        when it is one), debug lines while it stays so."""
+        if self.up:
+            log.warning("element %s session lost, redialing: %s %s", self._where(), error.code().name,
+                        error.details())
+            return
+        reason = self.endpoint.failure_reason(error.details())
+        detail = f"{reason} ({error.details()})" if reason else f"{error.code().name} {error.details()}"
+        log.log(logging.WARNING if first else logging.DEBUG, "element %s unreachable, failure policy %s applies; "
+                "retrying: %s", self._where(), self.config.failure, detail)
+
     def _where(self) -> str:
-        """The element in a log line: its name, and its address when the name is not that."""
-        address = self.config.address
+        """The element in a log line: its name, and the replica's address when the name is not that."""
+        address = self.endpoint.address
         return address if self.name == address else f"{self.name} at {address}"
 
     def _accept(self, description: pb.Description) -> None:
@@ -272,23 +300,27 @@ class ElementSession:
         self.stats.events["close"] += len(closes)
         for event in closes:
             self._queue(event)
-        description = self.description
-        assert description is not None
-        wants_verdict = description.wants_open and not self._observer
         now = time.monotonic()
-        for connection_id, connection in self._live.items():
-            connection.flow.touched.add(self.index)
-            self.stats.events["resumed"] += 1
-            if wants_verdict:
-                key = (connection_id, 0)
-                self._pending[key] = (Resumed(connection.flow), self.index, 0, now)
-                self._deadlines.append((now + self._timeout, key))
-            self._queue(message_event(pb.Event(open=connection.open_event(connection.flow.open_metadata, True))))
+        for connection in self._live.values():
+            self._announce(connection, now)
         self.up = True
-        log.info("element %s session up at %s", self.name, self.config.address,
+        log.info("element %s session up at %s", self.name, self.endpoint.address,
                  extra=fields(resumed=len(self._live) or None, closes_delivered=len(closes) or None))
         self.breaker.close("session up")
         self._on_describe()
+
+    def _announce(self, connection: Peer, now: float) -> None:
+        """A resumed Open for a connection already under way; its verdict is awaited when the element
+        wants Open events inline (a RESET or CLOSE then ends the connection)."""
+        description = self.description
+        assert description is not None
+        connection.flow.touched.add(self.index)
+        self.stats.events["resumed"] += 1
+        if description.wants_open and not self._observer:
+            key = (connection.id, 0)
+            self._pending[key] = (Resumed(connection.flow), self.index, 0, now)
+            self._deadlines.append((now + self._timeout, key))
+        self._queue(message_event(pb.Event(open=connection.open_event(connection.flow.open_metadata, True))))
 
     async def _stream(self, call: grpc.aio.StreamStreamCall) -> None:
         """Runs writer, reader and timeout watch until one of them ends the stream."""
