@@ -6,10 +6,12 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from elements.api import element_pb2 as pb
 from elements.api import element_pb2_grpc as pb_grpc
@@ -140,28 +142,77 @@ def test_process(async_probe: tuple[Proc, int]) -> None:
     proc.wait_for_output("closed process COMPLETED 0 4")
 
 
-def test_sigterm_drains_sessions_and_exits_zero() -> None:
+async def _watch_health(channel: grpc.aio.Channel, seen: list[int]) -> None:
+    async for response in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()):
+        seen.append(response.status)
+
+
+def test_sigterm_drains_serving_open_connections_until_they_close_then_exits_zero() -> None:
+    """SIGTERM turns health NOT_SERVING at once, yet a connection already open through the element is
+    still served (its chunk sent after the signal gets its verdict); once the proxy's Close for it
+    came, the Session ends with OK and the element exits 0, long before its 5 s grace."""
     proc, port = start_element(PROBE)
     with proc:
-        def on_arrival(arrival: Arrival) -> None:
-            if any(v.connection_id == "fast" for v in arrival.response.verdicts):
+        async def run() -> tuple[list[pb.Verdict], list[int], float]:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                seen: list[int] = []
+                watch = asyncio.create_task(_watch_health(channel, seen))
+                call = pb_grpc.ElementStub(channel).Session()
+                await call.write(pb.SessionRequest(events=[data_event("open", 1, b"before")]))
+                got = list((await call.read()).verdicts)
+                signalled = time.monotonic()
                 os.kill(proc.pid, signal.SIGTERM)
+                await wait_async(lambda: health_pb2.HealthCheckResponse.NOT_SERVING in seen, 5, "NOT_SERVING")
+                await call.write(pb.SessionRequest(events=[data_event("open", 2, b"after")]))
+                got += (await call.read()).verdicts
+                await call.write(pb.SessionRequest(events=[close_event("open")]))
+                while (response := await call.read()) is not grpc.aio.EOF:
+                    got += response.verdicts
+                assert await call.code() == grpc.StatusCode.OK
+                took = time.monotonic() - signalled
+                watch.cancel()
+                return got, seen, took
 
-        async def run() -> list[Arrival]:
+        got, seen, took = asyncio.run(run())
+        assert [(v.sequence, v.data) for v in got] == [(1, b"BEFORE"), (2, b"AFTER")]
+        assert seen == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]
+        assert proc.popen.wait(timeout=10) == 0
+        assert took < 3, f"the session ended {took:.1f}s after SIGTERM, though its last connection had closed"
+        assert "element probe drained" in proc.output() and "element probe stopped" in proc.output()
+
+
+def test_sigterm_ends_the_sessions_when_the_grace_runs_out() -> None:
+    """A connection that never closes keeps the element only until --grace: then its Session ends
+    with OK (the proxy's failure policy decides for the connection) and the element exits 0."""
+    proc, port = start_element(PROBE, "--grace", "1")
+    with proc:
+        async def run() -> float:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 call = pb_grpc.ElementStub(channel).Session()
-                await call.write(pb.SessionRequest(events=[data_event("fast", 1, b"x"),
-                                                           data_event("slow", 1, b"sleep 0.3")]))
-                arrivals = []
-                async for response in call:
-                    arrivals.append(Arrival(0, response))
-                    on_arrival(arrivals[-1])
+                await call.write(pb.SessionRequest(events=[data_event("forever", 1, b"x")]))
+                await call.read()
+                signalled = time.monotonic()
+                os.kill(proc.pid, signal.SIGTERM)
+                while await call.read() is not grpc.aio.EOF:
+                    pass
                 assert await call.code() == grpc.StatusCode.OK
-                return arrivals
+                return time.monotonic() - signalled
 
-        started = time.monotonic()
-        got = {v.connection_id for v in verdicts(asyncio.run(run()))}
-        assert got == {"fast", "slow"}
+        took = run_bounded(run())
         assert proc.popen.wait(timeout=10) == 0
-        assert time.monotonic() - started < 3
-        assert "element probe stopped" in proc.output()
+        assert 0.9 < took < 3, f"the session ended {took:.1f}s after SIGTERM, with a 1 s grace"
+        assert "grace over, 1 connections still open" in proc.output()
+
+
+def run_bounded(coro: Any) -> Any:
+    async def bounded() -> Any:
+        async with asyncio.timeout(20):
+            return await coro
+    return asyncio.run(bounded())
+
+
+async def wait_async(condition: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout}s"
+        await asyncio.sleep(0.01)

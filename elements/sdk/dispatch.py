@@ -53,6 +53,11 @@ class Dispatcher:
             "close": inspect.iscoroutinefunction(element.on_close),
         }
 
+    @property
+    def open_connections(self) -> int:
+        """Connections of this stream that had an event and no Close yet (what a drain waits for)."""
+        return len(self._connections)
+
     def feed(self, events: Iterable[pb.Event]) -> None:
         """Handles one batch: sync hooks now, async ones in their connection's task."""
         for event in events:

@@ -25,9 +25,15 @@ class Servicer(pb_grpc.ElementServicer):
     def __init__(self, element: Element, stopping: asyncio.Event) -> None:
         self.element = element
         self.stopping = stopping
+        self._dispatchers: set[Dispatcher] = set()
+
+    def open_connections(self) -> int:
+        """Connections the proxies have open through this element, over all its Session streams."""
+        return sum(dispatcher.open_connections for dispatcher in self._dispatchers)
 
     async def Session(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
         dispatcher = Dispatcher(self.element, answer=self.element.mode != Mode.OBSERVE)
+        self._dispatchers.add(dispatcher)
         reader = asyncio.create_task(_read(request_iterator, dispatcher))
         writer = asyncio.create_task(_write(context, dispatcher))
         stopping = asyncio.create_task(self.stopping.wait())
@@ -46,6 +52,7 @@ class Servicer(pb_grpc.ElementServicer):
             for task in (reader, writer, stopping):
                 task.cancel()
             dispatcher.cancel()
+            self._dispatchers.discard(dispatcher)
 
     async def Describe(self, request: pb.DescribeRequest,  # noqa: N802
                        context: grpc.aio.ServicerContext) -> pb.Description:
