@@ -216,3 +216,41 @@ def test_a_byte_order_mark_is_not_an_error(tmp_path: Path) -> None:
     path = tmp_path / "proxy.toml"
     path.write_bytes(b'\xef\xbb\xbfwindow = 4\n')
     assert load(["--config", str(path)], {}).window == 4
+
+
+def test_tls_keys_are_checked_and_their_files_read(tmp_path: Path) -> None:
+    from tests.certs import Authority
+
+    ca = Authority(tmp_path)
+    proxy = ca.issue("proxy", ["proxy"], client=True)
+    table = {"address": "firewall:50051", "tls_ca": str(ca.path)}
+    server_only = build({"element": [table]}, {}, {}).elements[0]
+    assert server_only.tls is not None and server_only.tls.ca == ca.path.read_bytes() and server_only.tls.key is None
+    assert server_only.server_name == "firewall"
+    mutual = build({"element": [{**table, "tls_cert": str(proxy.cert), "tls_key": str(proxy.key),
+                                 "tls_server_name": "firewall.example"}]}, {}, {}).elements[0]
+    assert mutual.tls is not None and mutual.tls.client is not None and mutual.tls.client.subject == "CN=proxy"
+    assert mutual.server_name == "firewall.example"
+    assert "PRIVATE" not in repr(mutual) and "BEGIN" not in str(describe(build({"element": [
+        {**table, "tls_cert": str(proxy.cert), "tls_key": str(proxy.key)}]}, {}, {})))
+    for bad, message in [
+        ({"tls_cert": str(proxy.cert), "tls_key": str(proxy.key), "tls_ca": ""}, r"element\[0\]\.tls_ca: missing"),
+        ({"tls_cert": str(proxy.cert)}, r"element\[0\]\.tls_cert, element\[0\]\.tls_key: give both"),
+        ({"tls_ca": str(tmp_path / "none.pem")}, r"element\[0\]\.tls_ca: cannot read .*none\.pem"),
+        ({"tls_ca": str(proxy.key)}, r"element\[0\]\.tls_ca: .* holds no PEM certificate"),
+        ({"tls_cert": str(proxy.cert), "tls_key": str(proxy.cert)}, r"element\[0\]\.tls_key: .* no unencrypted PEM"),
+        ({"tls": "yes"}, r"element\[0\]\.tls: unknown key"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            build({"element": [{**table, **bad}]}, {}, {})
+
+
+def test_element_tls_and_resolve_flags_set_every_flag_element(tmp_path: Path) -> None:
+    from tests.certs import Authority
+
+    ca = Authority(tmp_path)
+    config = load(["--element", "a:1", "--element", "b:2", "--element-tls-ca", str(ca.path),
+                   "--element-resolve-interval-ms", "0"], {})
+    assert [e.tls_ca for e in config.elements] == [str(ca.path)] * 2
+    assert [e.resolve_interval_ms for e in config.elements] == [0, 0]
+    assert ElementConfig("a:1").resolve_interval_ms == 5000
