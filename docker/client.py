@@ -10,7 +10,9 @@ once per case, sends one line, half-closes and reads the reply to the end:
     pass      "just passing through"         expects "<name> got: just passing through"
 
 Before the cases it probes with "ping" until a reply comes back (the sidecar may still
-be starting). Prints one JSON object per case (with the client's own address, which the
+be starting). `--repeat N` then makes N more "pass" connections, so a scaled element
+(`docker-compose up --scale firewall=3`) has connections to spread over its replicas,
+and prints one line for them. Prints one JSON object per case (with the client's own address, which the
 logger element logs as the connection's client) and exits 1 if any case was not as
 expected. In the compose stack `client` dials the app from outside (inbound: the app's
 PREROUTING rules send it to the proxy's port 15006) and `egress-client` runs inside
@@ -65,6 +67,7 @@ async def main() -> int:
     parser.add_argument("--direction", required=True, choices=["inbound", "outbound"], help="label for the output")
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--ready-timeout", type=float, default=30.0)
+    parser.add_argument("--repeat", type=int, default=0, help="more pass connections after the cases")
     args = parser.parse_args()
     host, port = args.target.rsplit(":", 1)
 
@@ -94,6 +97,13 @@ async def main() -> int:
         print(json.dumps({"direction": args.direction, "case": case, "sent": line, "ok": ok, **result,
                           "expected": expected}), flush=True)
     print(f"client ({args.direction}): {len(CASES) - failed} of {len(CASES)} cases as expected", flush=True)
+    if args.repeat:
+        _, line, _, reply = CASES[-1]
+        results = [await exchange(host, int(port), line, args.timeout) for _ in range(args.repeat)]
+        passed = sum(r["outcome"] == "reply" and r["reply"] == f"{args.name} got: {reply}" for r in results)
+        failed += passed != args.repeat
+        print(f"client ({args.direction}): {passed} of {args.repeat} repeated pass connections as expected",
+              flush=True)
     return 1 if failed else 0
 
 

@@ -14,6 +14,8 @@ up`, and checks what each element did to the traffic of the stack's two clients:
   firewall  "... DROP TABLE ..." resets the connection; the server never sees it
   logger    logs the open (client, destination, listener) and close (reason) of each
   grpcurl   the host's real grpcurl reaches the elements on their published ports
+  --scale   the firewall runs as three replicas (`up --scale firewall=3`): the proxy resolves
+            the service name with Docker's DNS and every replica carries connections
 
 Then it tears everything down: the stack, dockerd (by its PID), what dockerd added to
 the host (nft ruleset, docker0, ip_forward, bridge sysctls, mounts), the wheels and the
@@ -52,7 +54,8 @@ BASE_IMAGE_SCRIPT = REPO / "docker" / "base-image.sh"  # the documented way (doc
 SUITE = "bookworm"  # its python3 is 3.11: the host's binary wheels must match it
 PACKAGES = {"dockerd": "docker.io", "docker-compose": "docker-compose", "debootstrap": "debootstrap",
             "nft": "nftables"}
-PUBLISHED = {"logger": 30051, "firewall": 30052, "rewrite": 30053}
+PUBLISHED = {"logger": 30051, "rewrite": 30053}  # the firewall's replicas take ports of 30060-30069
+FIREWALLS = 3
 CLIENTS = ("client", "egress-client")
 CASES = ("rewrite", "firewall", "pass")
 DIRECTIONS = {"inbound": ("client", "app", 15006), "outbound": ("egress-client", "upstream", 15002)}
@@ -348,7 +351,7 @@ def stack(engine: Engine) -> Iterator[Stack]:
             # one service builds the image every service runs; `up` then finds it
             _run([*_compose_argv(), "build", "app"], env=env, timeout=600)
         with _timed("docker-compose up -d (until the proxy is healthy)", timings):
-            _run([*_compose_argv(), "up", "-d"], env=env, timeout=180)
+            _run([*_compose_argv(), "up", "-d", "--scale", f"firewall={FIREWALLS}"], env=env, timeout=180)
         with _timed("clients finished", timings):
             exit_codes = {}
             for client in CLIENTS:
@@ -451,8 +454,17 @@ def _grpcurl(port: int, *args: str, data: str | None = None) -> str:
     return _run(argv, timeout=30).stdout
 
 
+def _firewall_ports(stack: Stack) -> list[int]:
+    """The host port each firewall replica was published on (one of 30060-30069, Docker's pick)."""
+    ports = []
+    for index in range(1, FIREWALLS + 1):
+        shown = _run([*_compose_argv(), "port", "--index", str(index), "firewall", "50051"], env=stack.env).stdout
+        ports.append(int(shown.strip().rsplit(":", 1)[1]))
+    return ports
+
+
 def test_grpcurl_reaches_the_published_elements(stack: Stack) -> None:
-    for name, port in PUBLISHED.items():
+    for name, port in [*PUBLISHED.items(), *(("firewall", port) for port in _firewall_ports(stack))]:
         services = _grpcurl(port, "list").split()
         assert "element.v1.Element" in services and "grpc.health.v1.Health" in services, (name, services)
     described = json.loads(_grpcurl(PUBLISHED["logger"], "element.v1.Element/Describe"))
@@ -460,6 +472,27 @@ def test_grpcurl_reaches_the_published_elements(stack: Stack) -> None:
     rewritten = json.loads(_grpcurl(PUBLISHED["rewrite"], "element.v1.Element/Process",
                                     data='{"text": "hello world"}'))
     assert rewritten["text"] == "howdy world", rewritten
-    blocked = json.loads(_grpcurl(PUBLISHED["firewall"], "element.v1.Element/Process",
+    blocked = json.loads(_grpcurl(_firewall_ports(stack)[0], "element.v1.Element/Process",
                                   data='{"text": "SELECT 1; DROP TABLE users;"}'))
     assert blocked["verdict"]["action"] == "ACTION_RESET", blocked
+
+
+METRICS = ("import urllib.request; "
+           "print(urllib.request.urlopen('http://127.0.0.1:15000/metrics', timeout=5).read().decode())")
+
+
+def test_every_firewall_replica_carried_connections(stack: Stack) -> None:
+    """`--scale firewall=3`: three containers, and the proxy (its /metrics, asked from inside the app's
+    namespace) has a session up to each and sent each one events: the clients' 60-odd connections
+    were spread over all three."""
+    replicas = _run([*_compose_argv(), "ps", "-q", "firewall"], env=stack.env).stdout.split()
+    assert len(replicas) == FIREWALLS, replicas
+    text = _run([*_compose_argv(), "exec", "-T", "proxy", "python", "-c", METRICS], env=stack.env).stdout
+    events = {match[0]: float(match[1]) for match in re.findall(
+        r'element_proxy_element_endpoint_events_total\{element="firewall",endpoint="([^"]+)",position="1"\} (\S+)',
+        text)}
+    up = re.findall(r'element_proxy_element_endpoint_up\{element="firewall",endpoint="[^"]+",position="1"\} 1\.0',
+                    text)
+    _say(f"events per firewall replica: {events}")
+    assert len(events) == FIREWALLS and len(up) == FIREWALLS, f"the proxy does not use every replica:\n{text}"
+    assert all(count > 0 for count in events.values()), events
