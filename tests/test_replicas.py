@@ -18,16 +18,18 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
-from tests.checks import metric, wait_for
+from tests.checks import wait_for
 from tests.procs import Proc, free_port, start_element
 from tests.test_reliability import EXCHANGE, KiB, Proxy, Side, Upstream, client, judge_pair, run_async
 
+T = TypeVar("T")
 RECORDER = "tests.elements_for_tests.recorder"
 NAME = "replicas.test"
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
@@ -105,6 +107,15 @@ class Fleet:
         proc.wait_for_output("element-proxy ready")
         return Proxy(proc, port, admin)
 
+    def up(self, *replica_options: str, proxy_options: tuple[str, ...] = ()) -> Proxy:
+        """The three replicas, named, and a proxy using them all."""
+        for host in HOSTS:
+            self.replica(host, *replica_options)
+        self.name(*HOSTS)
+        p = self.proxy(*proxy_options)
+        self.wait_up(p, *HOSTS)
+        return p
+
     def wait_up(self, proxy: Proxy, *hosts: str) -> None:
         wanted = {self.replicas[host].address for host in hosts}
         wait_for(lambda: endpoints(proxy, "up") == dict.fromkeys(wanted, 1.0), 10, f"sessions up to {sorted(wanted)}")
@@ -154,26 +165,17 @@ def judged(upstream: Upstream, sides: dict[int, Side]) -> dict[int, str | None]:
     return {key: judge_pair(EXCHANGE, side, upstream.record(key, 10)) for key, side in sides.items()}
 
 
-def connection_of(proxy: Proxy) -> dict[str, str]:
-    """The proxy's connection id -> the client address, from its 'connection closed' lines."""
-    return {entry["conn"]: entry["client"] for entry in proxy.closed()}
-
-
 # --- spread -----------------------------------------------------------------------------------------
 
 def test_three_replicas_share_300_connections_each_served_by_exactly_one(fleet: Fleet) -> None:
     """300 connections through three replicas: each replica holds 20-47% of them, every event of a
     connection reached the one replica its Open did, every transfer is byte-exact, and /readyz and
     /metrics list the three replicas up with their connections and events."""
-    for host in HOSTS:
-        fleet.replica(host)
-    fleet.name(*HOSTS)
-    p = fleet.proxy()
-    fleet.wait_up(p, *HOSTS)
+    p = fleet.up()
     sides = transfers(p, fleet.upstream, range(300), 64 * KiB)
     assert all(problem is None for problem in judged(fleet.upstream, sides).values()), judged(fleet.upstream, sides)
     p.wait_closed(300)
-    ids = set(connection_of(p))
+    ids = {entry["conn"] for entry in p.closed()}
     opened = {host: set(fleet.replicas[host].opens()) for host in HOSTS}
     share = {host: len(opened[host]) / 300 for host in HOSTS}
     print(f"share of 300 connections per replica: {share}")
@@ -205,8 +207,19 @@ def test_ipv4_and_ipv6_replicas_behind_one_name(fleet: Fleet) -> None:
 
 # --- a replica lost, a replica draining ----------------------------------------------------------------
 
-def _under_way(sides: dict[int, Side]) -> None:
-    wait_for(lambda: all(side.received > 64 * KiB for side in sides.values()), 30, "every transfer under way")
+def under_load(p: Proxy, sides: dict[int, Side], size: int, pace: float, during: Callable[[], T]) -> T:
+    """Paced transfers of `size` bytes each way; once every one is under way, `during()` runs (in a
+    thread); returns what it returned, when every transfer has ended."""
+    async def main() -> T:
+        tasks = [asyncio.create_task(client(p.port, key, EXCHANGE, size, size, piece=16 * KiB, pace=pace, side=side))
+                 for key, side in sides.items()]
+        await asyncio.to_thread(wait_for, lambda: all(side.received > 64 * KiB for side in sides.values()), 30,
+                                "every transfer under way")
+        result = await asyncio.to_thread(during)
+        await asyncio.gather(*tasks)
+        return result
+
+    return run_async(main(), 120)
 
 
 def placement(p: Proxy, fleet: Fleet) -> dict[str, str]:
@@ -222,26 +235,17 @@ def test_sigkill_one_replica_resets_its_fail_closed_connections_only_and_new_one
     SIGKILL one: its connections are reset (events in flight: the failure policy; the rest: re-announced
     and reset by the replica they moved to), the others finish byte-exact, the proxy stops using it
     within 1 s, new connections all succeed on the other two; restarted, it gets new connections again."""
-    for host in HOSTS:
-        fleet.replica(host, "--reset-resumed")
-    fleet.name(*HOSTS)
-    p = fleet.proxy()
-    fleet.wait_up(p, *HOSTS)
+    p = fleet.up("--reset-resumed")
     sides = {key: Side() for key in range(30)}
     victim = fleet.replicas[HOSTS[1]]
 
-    async def main() -> float:
-        tasks = [asyncio.create_task(client(p.port, key, EXCHANGE, 4 << 20, 4 << 20, piece=16 * KiB, pace=0.01,
-                                            side=side)) for key, side in sides.items()]
-        await asyncio.to_thread(_under_way, sides)
+    def kill() -> float:
         os.kill(victim.proc.pid, signal.SIGKILL)
         killed = time.monotonic()
-        await asyncio.to_thread(wait_for, lambda: endpoints(p, "up").get(victim.address) == 0, 5, "victim down")
-        noticed = time.monotonic() - killed
-        await asyncio.gather(*tasks)
-        return noticed
+        wait_for(lambda: endpoints(p, "up").get(victim.address) == 0, 5, "the proxy sees the replica down")
+        return time.monotonic() - killed
 
-    noticed = run_async(main(), 120)
+    noticed = under_load(p, sides, 4 << 20, 0.01, kill)
     print(f"the proxy saw the replica gone {noticed:.3f}s after the SIGKILL")
     assert noticed < 1.0
     p.wait_closed(30)
@@ -275,22 +279,10 @@ def test_sigkill_one_replica_resets_its_fail_closed_connections_only_and_new_one
 def test_sigkill_one_replica_fail_open_re_announces_its_connections_to_the_others(fleet: Fleet) -> None:
     """Fail-open, replicas that keep resumed connections: SIGKILL one under load and every transfer still
     finishes byte-exact; the killed replica's connections reached the others as resumed Opens."""
-    for host in HOSTS:
-        fleet.replica(host)
-    fleet.name(*HOSTS)
-    p = fleet.proxy("--element-failure", "open")
-    fleet.wait_up(p, *HOSTS)
+    p = fleet.up(proxy_options=("--element-failure", "open"))
     sides = {key: Side() for key in range(30)}
     victim = fleet.replicas[HOSTS[2]]
-
-    async def main() -> None:
-        tasks = [asyncio.create_task(client(p.port, key, EXCHANGE, 2 << 20, 2 << 20, piece=16 * KiB, pace=0.01,
-                                            side=side)) for key, side in sides.items()]
-        await asyncio.to_thread(_under_way, sides)
-        os.kill(victim.proc.pid, signal.SIGKILL)
-        await asyncio.gather(*tasks)
-
-    run_async(main(), 120)
+    under_load(p, sides, 2 << 20, 0.01, lambda: os.kill(victim.proc.pid, signal.SIGKILL))
     results = judged(fleet.upstream, sides)
     assert all(problem is None for problem in results.values()), {k: v for k, v in results.items() if v}
     p.wait_closed(30)
@@ -304,24 +296,15 @@ def test_sigterm_drains_a_replica_losing_no_connection(fleet: Fleet) -> None:
     """20 paced transfers over three replicas; SIGTERM one (the SDK drains: NOT_SERVING, GOAWAY, its
     open connections go on): none is reset, the proxy marks it draining, new connections avoid it,
     and it exits 0 once its connections ended."""
-    for host in HOSTS:
-        fleet.replica(host)
-    fleet.name(*HOSTS)
-    p = fleet.proxy()
-    fleet.wait_up(p, *HOSTS)
+    p = fleet.up()
     sides = {key: Side() for key in range(20)}
     draining = fleet.replicas[HOSTS[0]]
 
-    async def main() -> None:
-        tasks = [asyncio.create_task(client(p.port, key, EXCHANGE, 1 << 20, 1 << 20, piece=16 * KiB, pace=0.02,
-                                            side=side)) for key, side in sides.items()]
-        await asyncio.to_thread(_under_way, sides)
+    def terminate() -> None:
         os.kill(draining.proc.pid, signal.SIGTERM)
-        await asyncio.to_thread(wait_for, lambda: endpoints(p, "draining").get(draining.address) == 1, 5,
-                                "the proxy sees the replica draining")
-        await asyncio.gather(*tasks)
+        wait_for(lambda: endpoints(p, "draining").get(draining.address) == 1, 5, "the proxy sees the replica draining")
 
-    run_async(main(), 120)
+    under_load(p, sides, 1 << 20, 0.02, terminate)
     before = set(draining.opens())
     fresh = transfers(p, fleet.upstream, range(100, 130), 16 * KiB)
     results = judged(fleet.upstream, {**sides, **fresh})

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from proxy.config import MAX_MESSAGE_BYTES, ElementConfig
+from proxy.config import MAX_MESSAGE_BYTES, ClientCertificate, ElementConfig
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -67,17 +67,19 @@ class Endpoint:
                 return f"TLS: the proxy refused the element's certificate: {meaning.format(name=self.config.server_name)}"
         if "Socket closed" not in details and "Connection reset" not in details:
             return None  # refused, unreachable: down, not a TLS matter
-        # Over TLS 1.3 the element checks the proxy's certificate after the handshake, and its refusal
-        # arrives as a closed socket: say what the proxy can know about its own certificate.
-        client = tls.client
-        if client is None:
-            return ("TLS: the element closed the connection; it may require a client certificate (mTLS) and this "
-                    "proxy has none: set tls_cert and tls_key")
-        now = now or datetime.datetime.now(datetime.timezone.utc)
-        if now > client.not_after:
-            state = f"it expired at {client.not_after:%Y-%m-%dT%H:%M:%SZ}"
-        elif now < client.not_before:
-            state = f"it is not valid before {client.not_before:%Y-%m-%dT%H:%M:%SZ}"
-        else:
-            state = f"it is issued by {client.issuer}: is that a CA the element trusts (--tls-client-ca)?"
-        return f"TLS: the element closed the connection, refusing this proxy's client certificate ({client.subject}): {state}"
+        return _refused(tls.client, now or datetime.datetime.now(datetime.timezone.utc))
+
+
+def _refused(client: ClientCertificate | None, now: datetime.datetime) -> str:
+    """Over TLS 1.3 the element checks the proxy's certificate after the handshake, and its refusal
+    arrives as a closed socket: what the proxy can know about its own certificate."""
+    if client is None:
+        return ("TLS: the element closed the connection; it may require a client certificate (mTLS) and this "
+                "proxy has none: set tls_cert and tls_key")
+    if now > client.not_after:
+        state = f"it expired at {client.not_after:%Y-%m-%dT%H:%M:%SZ}"
+    elif now < client.not_before:
+        state = f"it is not valid before {client.not_before:%Y-%m-%dT%H:%M:%SZ}"
+    else:
+        state = f"it is issued by {client.issuer}: is that a CA the element trusts (--tls-client-ca)?"
+    return f"TLS: the element closed the connection, refusing this proxy's client certificate ({client.subject}): {state}"

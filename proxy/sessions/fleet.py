@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from elements.api import element_pb2 as pb
+from elements.logs import fields
 from proxy.chain import Direction, ElementPort, Outcome, Payload, Peer, VerdictTarget
 from proxy.config import ElementConfig, parse_host_port
 from proxy.operations import stats
@@ -164,24 +165,30 @@ class Fleet:
     # --- replicas coming and going ---------------------------------------------------------------
 
     def _resolved(self, addresses: tuple[str, ...]) -> None:
-        added = [address for address in addresses if address not in self.sessions]
         removed = [address for address in self.sessions if address not in addresses]
-        if not added and not removed:
-            return
-        for address in added:
-            session = self._retiring.pop(address, None)
-            if session is None:
-                session = self._session(address)
-                session.start()
-            self.sessions[address] = session
+        added = [address for address in addresses if address not in self.sessions]
         for address in removed:
-            self._retiring[address] = self.sessions.pop(address)
-            if not self._retiring[address].connections:
-                self._retire(address)
-        log.info("element %s: %d replicas at %s", self.name, len(self.sessions), self.config.address,
-                 extra={"fields": {"replicas": list(self.sessions), "added": added or None,
-                                   "removed": removed or None}})
-        self._changed()
+            self._drop(address)
+        for address in added:
+            self._add(address)
+        if added or removed:
+            log.info("element %s: %d replicas at %s", self.name, len(self.sessions), self.config.address,
+                     extra=fields(replicas=list(self.sessions), added=added, removed=removed))
+            self._changed()
+
+    def _add(self, address: str) -> None:
+        """A replica listed (again): a retiring one takes new connections again, a new one gets a session."""
+        session = self._retiring.pop(address, None)
+        if session is None:
+            session = self._session(address)
+            session.start()
+        self.sessions[address] = session
+
+    def _drop(self, address: str) -> None:
+        """A replica no longer listed: no new connections; its session stops once its last one ends."""
+        self._retiring[address] = self.sessions.pop(address)
+        if not self._retiring[address].connections:
+            self._retire(address)
 
     def _retire(self, address: str) -> None:
         """Stops the session of a replica no longer listed, once it has no connection left."""
