@@ -29,15 +29,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def listening(port: int) -> bool:
-    """True when some socket listens on 127.0.0.1:port or 0.0.0.0:port.
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """True when some socket listens on host:port (an IPv4 loopback address) or 0.0.0.0:port.
 
     Read from /proc/net/tcp rather than probed with a connect, because a probe to a
     proxy would be forwarded to its target (iperf3 serves one client at a time).
     """
+    little_endian = bytes(reversed(socket.inet_aton(host))).hex().upper()
     wanted = {f"{address}:{port:04X}" for address in (
-        "0100007F", "00000000",  # 127.0.0.1, 0.0.0.0
-        "0" * 32, "0000000000000000FFFF00000100007F")}  # ::, ::ffff:127.0.0.1 (grpc binds this one)
+        little_endian, "00000000",  # host, 0.0.0.0
+        "0" * 32, f"0000000000000000FFFF0000{little_endian}")}  # ::, ::ffff:host (grpc binds this one)
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(path) as table:
             next(table)
@@ -88,13 +89,13 @@ class Proc:
     def status(self) -> dict[str, int]:
         return proc_status(self.pid)
 
-    def wait_listening(self, ports: list[int], timeout: float = 20.0) -> None:
+    def wait_listening(self, ports: list[int], timeout: float = 20.0, host: str = "127.0.0.1") -> None:
         """Polls until every port listens; fails fast, with the log tail, if the process died."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
                 raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
-            if all(listening(port) for port in ports):
+            if all(listening(port, host) for port in ports):
                 return
             time.sleep(0.02)
         raise TimeoutError(f"{self.name} did not listen on {ports} within {timeout}s:\n{self.tail()}")

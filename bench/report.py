@@ -53,6 +53,7 @@ RATIOS = {
     "obs1/empty": ("observe1", "empty"),
     "min/hap": ("minimal", "haproxy"),  # no target: what Python + uvloop allow at all
     "empty/min": ("empty", "minimal"),  # no target: the proxy's own cost on top of that
+    "x2/pass1": ("pass1x2", "pass1"),  # no target: two replicas of the element against one
 }
 
 

@@ -7,10 +7,16 @@ TARGET_ADDR is a single target, so each proxied set-up runs one front process pe
 server (one for iperf3, one for redis), each with its own element processes, and haproxy
 and the minimal forwarder are run the same way: the peak RSS of a front under bulk then
 belongs to bulk alone.
+
+`pass1x2` runs its one element as two replicas (127.0.0.2 and 127.0.0.3, the same port)
+behind one name, as a scaled element is run: the proxy resolves the name from a hosts file
+bind-mounted on /etc/hosts in a mount namespace of its own (`unshare --mount`: needs root),
+and spreads its connections over both.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +31,14 @@ CHAINS: dict[str, list[str]] = {
     "pass1": ["elements.passthrough"],
     "pass3": ["elements.passthrough"] * 3,
     "observe1": ["bench.observe_element"],
+    "pass1x2": ["elements.passthrough"],
 }
-SETUPS = ["direct", "haproxy", "minimal", *CHAINS]
+# set-ups whose element runs as replicas behind one name: set-up -> the replicas' addresses
+REPLICAS = {"pass1x2": ("127.0.0.2", "127.0.0.3")}
+REPLICA_NAME = "bench-replicas"
+# the default run: pass1x2 needs root (a mount namespace), so it runs when asked for
+SETUPS = ["direct", "haproxy", "minimal", *(name for name in CHAINS if name not in REPLICAS)]
+KNOWN_SETUPS = [*SETUPS, *REPLICAS]
 MIN_FORWARDER = str(Path(__file__).resolve().parent / "min_forwarder.py")
 
 HAPROXY_CFG = """\
@@ -108,20 +120,26 @@ class Stack:
         # every element first (in parallel), then every proxy
         pending: dict[tuple[str, str], tuple[list[Proc], list[int]]] = {}
         for name in proxied:
+            hosts = REPLICAS.get(name, ("127.0.0.1",))
             for target in TARGETS:
                 ports = [free_port() for _ in CHAINS[name]]
-                elements = [self.start_element(module, port, f"{name}-{target}-el{i}")
-                            for i, (module, port) in enumerate(zip(CHAINS[name], ports))]
+                elements = [self.start_element(module, port, f"{name}-{target}-el{i}"
+                                               + (f"-{host}" if name in REPLICAS else ""), host)
+                            for i, (module, port) in enumerate(zip(CHAINS[name], ports)) for host in hosts]
                 pending[name, target] = (elements, ports)
-        for elements, ports in pending.values():
-            for proc, port in zip(elements, ports):
-                proc.wait_listening([port])
+        for name, _ in pending:
+            if name in REPLICAS and os.geteuid() != 0:
+                raise RuntimeError(f"set-up {name} needs root: its proxy runs in a mount namespace of its own")
+        for (name, _), (elements, ports) in pending.items():
+            hosts = REPLICAS.get(name, ("127.0.0.1",))
+            for proc, (port, host) in zip(elements, [(port, host) for port in ports for host in hosts]):
+                proc.wait_listening([port], host=host)
         for name in proxied:
             fronts = {}
             for target in TARGETS:
                 elements, ports = pending[name, target]
                 front = Front(free_port(), elements=elements)
-                front.argv = self.proxy_argv(front.port, target, ports)
+                front.argv = self.proxy_argv(front.port, target, ports, self.replicas_hosts(name, target))
                 front.proc = self.procs.start(f"proxy-{name}-{target}", front.argv)
                 fronts[target] = front
             self.setups[name] = Setup(name, fronts)
@@ -129,9 +147,17 @@ class Stack:
             for front in self.setups[name].fronts.values():
                 self.wait_proxy(front)
 
-    def start_element(self, module: str, port: int, label: str) -> Proc:
-        return self.procs.start(label, [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port),
+    def start_element(self, module: str, port: int, label: str, host: str = "127.0.0.1") -> Proc:
+        return self.procs.start(label, [sys.executable, "-m", module, "--host", host, "--port", str(port),
                                         "--log-level", "warning"])
+
+    def replicas_hosts(self, name: str, target: str) -> Path | None:
+        """The hosts file that names the set-up's replicas, for its proxy's /etc/hosts."""
+        if name not in REPLICAS:
+            return None
+        path = self.work_dir / f"hosts-{name}-{target}"
+        path.write_text("127.0.0.1 localhost\n" + "".join(f"{host} {REPLICA_NAME}\n" for host in REPLICAS[name]))
+        return path
 
     def start_minimal(self, target: str) -> Front:
         front = Front(free_port())
@@ -161,12 +187,19 @@ class Stack:
         self.wait_proxy(front)
         return front
 
-    def proxy_argv(self, port: int, target: str, element_ports: list[int]) -> list[str]:
-        """Defaults otherwise; each proxy gets its own admin port (the default 15000 would collide)."""
-        return [sys.executable, "-m", "proxy", "--listen", f"127.0.0.1:{port}",
+    def proxy_argv(self, port: int, target: str, element_ports: list[int], hosts: Path | None = None) -> list[str]:
+        """Defaults otherwise; each proxy gets its own admin port (the default 15000 would collide).
+        With `hosts`, the elements are named REPLICA_NAME, which that file resolves, in the proxy's
+        own mount namespace."""
+        element_host = REPLICA_NAME if hosts else "127.0.0.1"
+        argv = [sys.executable, "-m", "proxy", "--listen", f"127.0.0.1:{port}",
                 "--target", f"127.0.0.1:{self.server_ports[target]}",
-                *[arg for element in element_ports for arg in ("--element", f"127.0.0.1:{element}")],
+                *[arg for element in element_ports for arg in ("--element", f"{element_host}:{element}")],
                 "--admin", f"127.0.0.1:{free_port()}", "--event-loop", "uvloop", "--log-level", "warning"]
+        if hosts is None:
+            return argv
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount --bind "$0" /etc/hosts && '
+                'exec "$@"', str(hosts), *argv]
 
     def wait_proxy(self, front: Front) -> None:
         """Ready = listening. The proxy listens once every element session is up, or after 5 s
