@@ -315,3 +315,59 @@ def test_sigterm_drains_a_replica_losing_no_connection(fleet: Fleet) -> None:
     assert set(draining.opens()) == before, "the draining replica got new connections"
     assert draining.proc.popen.wait(10) == 0
     assert "drained" in draining.proc.output()
+
+
+# --- replicas listed and unlisted while the proxy runs ----------------------------------------------
+
+def test_replicas_come_and_go_with_resolution_moving_no_open_connection(fleet: Fleet) -> None:
+    """The name resolves to nothing at first: fail-closed resets, /readyz says why. Then two replicas
+    are listed, then a third while 20 paced transfers run on the two: none of them moves (no resumed
+    Open anywhere), new connections reach all three. Then one is unlisted mid-transfer: its open
+    connections finish byte-exact on it, new ones avoid it, and its session ends with its last one."""
+    for host in HOSTS:
+        fleet.replica(host)
+    fleet.name()
+    p = fleet.proxy()
+    status, body = p.get("/readyz")
+    assert status == 503 and f"{NAME}:{fleet.port} does not resolve" in body, body
+    assert transfers_fail(p)
+    fleet.name(*HOSTS[:2])
+    fleet.wait_up(p, *HOSTS[:2])
+    sides = {key: Side() for key in range(20)}
+    third = fleet.replicas[HOSTS[2]]
+
+    def list_the_third() -> None:
+        fleet.name(*HOSTS)
+        fleet.wait_up(p, *HOSTS)
+
+    under_load(p, sides, 1 << 20, 0.02, list_the_third)
+    fresh = transfers(p, fleet.upstream, range(100, 130), 4 * KiB)
+    assert all(problem is None for problem in judged(fleet.upstream, {**sides, **fresh}).values())
+    assert not any(flag for r in fleet.replicas.values() for flag in r.opens().values()), "a connection moved"
+    assert third.opens(), "the replica listed later got no new connection"
+    assert not set(third.opens()) & {e["conn"] for e in p.closed() if e["client"] in {s.local for s in sides.values()}}
+
+    sides = {key: Side() for key in range(200, 220)}
+    leaving = fleet.replicas[HOSTS[0]]
+
+    def unlist_the_first() -> set[str]:
+        fleet.name(*HOSTS[1:])
+        wait_for(lambda: any(e.get("removed") == [leaving.address] for e in p.lines()), 5, "the proxy unlisted it")
+        assert leaving.address in endpoints(p, "up"), "unlisted, its session must stay while it has connections"
+        return set(leaving.opens())
+
+    had = under_load(p, sides, 1 << 20, 0.02, unlist_the_first)
+    assert all(problem is None for problem in judged(fleet.upstream, sides).values())
+    fresh = transfers(p, fleet.upstream, range(300, 330), 4 * KiB)
+    assert all(problem is None for problem in judged(fleet.upstream, fresh).values())
+    assert set(leaving.opens()) == had, "the unlisted replica got new connections"
+    assert had & {e["conn"] for e in p.closed() if e["client"] in {side.local for side in sides.values()}}, \
+        "no open connection was on the unlisted replica"
+    assert not any(flag for r in fleet.replicas.values() for flag in r.opens().values()), "a connection moved"
+    wait_for(lambda: leaving.address not in endpoints(p, "up"), 5, "the unlisted replica's session ended")
+
+
+def transfers_fail(p: Proxy) -> bool:
+    """A connection while the element's name resolves to nothing: fail-closed resets it."""
+    from tests.test_enforcement import send_and_end
+    return send_and_end(p.port, b"hello") == "reset"

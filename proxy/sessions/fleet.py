@@ -207,6 +207,7 @@ class Fleet:
         self._was_up = up
         self._update_takers()
         self._move_stranded()
+        self._forget_unresolved()
         self._on_change()
 
     def _update_takers(self) -> None:
@@ -232,6 +233,13 @@ class Fleet:
             address = session.endpoint.address
             if self._retiring.get(address) is session:
                 self._retire(address)
+
+    def _forget_unresolved(self) -> None:
+        """Once the name resolved and the connections that began before have moved, the stand-in
+        session goes: the Close events it kept would never reach any element."""
+        if self._unresolved is not None and self.sessions and not self._unresolved.connections:
+            self._ended = stats.merge([self._ended, self._unresolved.stats.snapshot(False, False, False)])
+            self._unresolved = None
 
     # --- what operators see ------------------------------------------------------------------------
 
