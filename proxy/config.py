@@ -64,6 +64,7 @@ class ElementConfig:
     breaker_window_ms: int = 10000
     breaker_failure_percent: int = 10
     breaker_min_events: int = 20
+    max_held_bytes: int = MiB
 
     @property
     def fail_open(self) -> bool:
@@ -161,6 +162,8 @@ ELEMENT_LIMITS = {
     "breaker_window_ms": Limit(1, 3_600_000),
     "breaker_failure_percent": Limit(0, 100, "off"),
     "breaker_min_events": Limit(1, 1_000_000),
+    # Per connection and direction: what an element may keep at the proxy with HOLD verdicts.
+    "max_held_bytes": Limit(0, GiB, "HOLD refused"),
 }
 
 
