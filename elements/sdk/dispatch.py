@@ -126,19 +126,7 @@ class Dispatcher:
         element = self.element
         conn = tracked.conn
         if kind == "data":
-            metadata = dict(body.metadata) if body.metadata else {}
-            if metadata:
-                conn.metadata.update(metadata)
-            direction = DIRECTION_OF.get(body.direction)
-            if direction is None:
-                raise BadEvent(f"direction {body.direction} is neither DIRECTION_REQUEST ({pb.DIRECTION_REQUEST}) "
-                               f"nor DIRECTION_RESPONSE ({pb.DIRECTION_RESPONSE})")
-            if tracked.done and direction in tracked.done:
-                return None  # sent before the proxy learnt of `done`: it passes, unseen
-            chunk = Chunk(body.sequence, direction, body.data, body.end_of_stream, metadata)
-            if element.framing and direction in element.framing:
-                return self._framed(tracked, chunk)
-            return element.on_data(conn, chunk)
+            return self._data(tracked, body)
         if kind == "open":
             conn.client = Address(body.client.ip, body.client.port)
             conn.original_destination = Address(body.original_destination.ip, body.original_destination.port)
@@ -149,17 +137,25 @@ class Dispatcher:
             return element.on_open(conn) if element.wants_open else None
         return element.on_close(conn, _close_reason(body.reason), body.request_bytes, body.response_bytes)
 
+    def _data(self, tracked: _Tracked, body: Any) -> Any:
+        conn = tracked.conn
+        metadata = dict(body.metadata) if body.metadata else {}
+        if metadata:
+            conn.metadata.update(metadata)
+        direction = DIRECTION_OF.get(body.direction)
+        if direction is None:
+            raise BadEvent(f"direction {body.direction} is neither DIRECTION_REQUEST ({pb.DIRECTION_REQUEST}) "
+                           f"nor DIRECTION_RESPONSE ({pb.DIRECTION_RESPONSE})")
+        if tracked.done and direction in tracked.done:
+            return None  # sent before the proxy learnt of `done`: it passes, unseen
+        chunk = Chunk(body.sequence, direction, body.data, body.end_of_stream, metadata)
+        if self.element.framing and direction in self.element.framing:
+            return self._framed(tracked, chunk)
+        return self.element.on_data(conn, chunk)
+
     def _framed(self, tracked: _Tracked, chunk: Chunk) -> Verdict | Awaitable[Verdict]:
         """A chunk of a framed direction: its messages to on_message, their verdicts to one for the chunk."""
-        streams = tracked.streams
-        if streams is None:
-            streams = tracked.streams = {}
-        stream = streams.get(chunk.direction)
-        if stream is None:
-            conn = tracked.conn
-            written = conn.request_bytes if chunk.direction == Direction.REQUEST else conn.response_bytes
-            stream = streams[chunk.direction] = Stream(self.element.framing[chunk.direction](), chunk.direction,
-                                                       _RESUMED if conn.resumed and written else "")
+        stream = self._stream(tracked, chunk.direction)
         judged = stream.scan(chunk.data, chunk.end_of_stream)
         if self._framed_async:
             return self._judged_async(tracked.conn, stream, judged, chunk.end_of_stream)
@@ -170,6 +166,19 @@ class Dispatcher:
             if verdict is not None and (verdict.done or verdict.action in _ENDS):
                 break
         return stream.settle(verdicts, chunk.end_of_stream)
+
+    def _stream(self, tracked: _Tracked, direction: Direction) -> Stream:
+        """The connection's stream of a framed direction, made on its first chunk."""
+        streams = tracked.streams
+        if streams is None:
+            streams = tracked.streams = {}
+        stream = streams.get(direction)
+        if stream is None:
+            conn = tracked.conn
+            written = conn.request_bytes if direction == Direction.REQUEST else conn.response_bytes
+            stream = streams[direction] = Stream(self.element.framing[direction](), direction,
+                                                 _RESUMED if conn.resumed and written else "")
+        return stream
 
     async def _judged_async(self, conn: Connection, stream: Stream, judged: list[Judged],
                             end_of_stream: bool) -> Verdict:

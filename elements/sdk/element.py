@@ -195,10 +195,13 @@ class Message(Generic[T]):
 
 @dataclass(frozen=True, slots=True)
 class FramingError:
-    """For `on_framing_error`: the direction's bytes stopped following the protocol at this chunk."""
+    """For `on_framing_error`: the direction's bytes stopped following the protocol at this chunk,
+    or (`resumed`) the connection was under way before this session began, so where its
+    messages start is unknown."""
 
     direction: Direction
     problem: str
+    resumed: bool = False
 
 
 class Element:

@@ -46,6 +46,32 @@ class _Found:
     broken: bool = False
 
 
+class _Said:
+    """What the verdicts on one chunk's messages say together: their replies, in order, and metadata."""
+
+    __slots__ = ("replies", "merged")
+
+    def __init__(self) -> None:
+        self.replies: list[bytes] = []
+        self.merged: dict[str, str] = {}
+
+    def take(self, verdict: Verdict | None) -> Verdict:
+        verdict = verdict or _PASS
+        if verdict.action == Action.HOLD:
+            raise TypeError("on_message returned Hold(): the SDK holds partial messages itself")
+        self.replies.append(verdict.reply or b"")
+        self.merged.update(verdict.metadata or {})
+        return verdict
+
+    @property
+    def reply(self) -> bytes | None:
+        return b"".join(self.replies) or None
+
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        return self.merged or None
+
+
 class Stream:
     """One direction of one connection: `scan` a chunk for what to judge, `settle` the verdicts."""
 
@@ -80,12 +106,44 @@ class Stream:
         if self.late:
             self.framing = False
             self.found.append(_Found(base, None, broken=True))
-            return [FramingError(self.direction, self.late)]
+            return [FramingError(self.direction, self.late, resumed=True)]
         if not self.framing or self.ending:
             if self.discarding:
                 self.edits.append((base, self.offset, b""))
             return []
         out: list[Judged] = []
+        self._frame(data, base, out)
+        if end_of_stream and self._unfinished:
+            assert self.start is not None
+            self.edits.append((self.start, self.offset, b""))  # its end never came: never judged, never written
+            self.start = None
+        return out
+
+    def settle(self, verdicts: Sequence[Verdict | None], end_of_stream: bool) -> Verdict:
+        """The chunk's verdict, from the verdicts on what `scan` handed out (fewer: the rest pass
+        unjudged, after a verdict with `done` or one that ends the connection)."""
+        if self.ending:
+            return self.ending
+        said = _Said()
+        for found, verdict in zip(self.found, verdicts):
+            verdict = said.take(verdict)
+            if verdict.action in _ENDING:
+                self.ending = Verdict(verdict.action, None, said.metadata, said.reply)
+                return self.ending
+            self._apply(found, verdict)
+            if verdict.done:
+                break
+        return self._verdict(said.metadata, said.reply, end_of_stream)
+
+    # -- inside ---------------------------------------------------------------------------------
+
+    @property
+    def _unfinished(self) -> bool:
+        """The current message's head is not complete: nothing can be said about it yet."""
+        return self.framing and self.start is not None and not self.judged
+
+    def _frame(self, data: bytes, base: int, out: list[Judged]) -> None:
+        """Runs the framer over the chunk, noting what to judge and removing what was judged away."""
         pos = 0
         while pos < len(data) and self.framing:
             if self.start is None:
@@ -100,43 +158,20 @@ class Stream:
                 out.append(FramingError(self.direction, self.framer.problem))
             elif event is not None:
                 self._found(data, base, base + pos, event, out)
-        if end_of_stream and self.start is not None and not self.judged:
-            self.edits.append((self.start, self.offset, b""))  # its end never came: never judged, never written
-            self.start = None
-        return out
 
-    def settle(self, verdicts: Sequence[Verdict | None], end_of_stream: bool) -> Verdict:
-        """The chunk's verdict, from the verdicts on what `scan` handed out (fewer: the rest pass
-        unjudged, after a verdict with `done` or one that ends the connection)."""
-        if self.ending:
-            return self.ending
-        replies: list[bytes] = []
-        metadata: dict[str, str] = {}
-        for found, verdict in zip(self.found, verdicts):
-            verdict = verdict or _PASS
-            if verdict.action == Action.HOLD:
-                raise TypeError("on_message returned Hold(): the SDK holds partial messages itself")
-            if verdict.reply:
-                replies.append(verdict.reply)
-            metadata.update(verdict.metadata or {})
-            if verdict.action in _ENDING:
-                self.ending = Verdict(verdict.action, None, metadata or None, b"".join(replies) or None)
-                return self.ending
-            self._apply(found, verdict)
-            if verdict.done:
-                break
-        reply = b"".join(replies) or None
-        if self.framing and self.start is not None and not self.judged and not end_of_stream:
+    def _verdict(self, metadata: dict[str, str] | None, reply: bytes | None, end_of_stream: bool) -> Verdict:
+        """HOLD while a message's head is incomplete (past hold_limit, the decided part goes and the
+        rest is kept here); else PASS, with the region's bytes when anything in it changed."""
+        if self._unfinished and not end_of_stream:
+            assert self.start is not None
             if self.start <= self.region + self.kept or self.offset - self.region <= self.hold_limit:
                 self.held.append(self.chunk)
-                return Hold(metadata or None, reply=reply)
-            return Pass(self._keep_unfinished(), metadata or None, reply=reply)
+                return Hold(metadata, reply=reply)
+            return Pass(self._keep_unfinished(), metadata, reply=reply)
         data = self._output(self.offset) if self.edits or self.kept else None
         self.held, self.kept, self.edits, self.region = [], 0, [], self.offset
         done, self.say_done = self.say_done, False
-        return Pass(data, metadata or None, reply=reply, done=done)
-
-    # -- inside ---------------------------------------------------------------------------------
+        return Pass(data, metadata, reply=reply, done=done)
 
     def _found(self, data: bytes, base: int, at: int, event: Event, out: list[Judged]) -> None:
         """A HEAD or an END at stream offset `at`: hand the message out unless its head was."""
