@@ -4,12 +4,15 @@ what arrives is checked against the messages themselves however TCP cuts them.""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from elements.sdk import Action, Direction, Drop, Lines, Message, Pass, Reset, Verdict
+from elements.api import element_pb2 as pb
+from elements.sdk import Action, Chunk, Connection, Direction, Dispatcher, Drop, Element, Lines, Message, Pass, Reset, \
+    Verdict
 from elements.sdk.framing import Stream
 from proxy.chain import ChainPlan, LaneLimits, Stage
 from tests.chain_model import REQ, Harness, Write
@@ -154,3 +157,64 @@ def _wire(stream: Stream, data: bytes, eos: bool) -> tuple[int, bytes | None]:
     found = stream.scan(data, eos)
     verdict = stream.settle([no_x(m) if isinstance(m, Message) else Reset() for m in found], eos)
     return verdict.action, verdict.data
+
+
+# ---- the Dispatcher: framed directions, done, resumed connections (no gRPC) ---------------------
+
+def data_event(seq: int, data: bytes, eos: bool = False, direction: int = pb.DIRECTION_REQUEST) -> pb.Event:
+    return pb.Event(data=pb.DataEvent(connection_id="c", sequence=seq, direction=direction, data=data,
+                                      end_of_stream=eos))
+
+
+def answers(element: Element, events: list[pb.Event]) -> list[pb.Verdict]:
+    async def run() -> list[pb.Verdict]:
+        dispatcher = Dispatcher(element, answer=True)
+        dispatcher.feed(events)
+        await dispatcher.drain()
+        return list(dispatcher.take().verdicts)
+    return asyncio.run(run())
+
+
+class Framed(Element):
+    directions = (Direction.REQUEST, Direction.RESPONSE)
+    framing = {Direction.REQUEST: Lines}
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+
+    def on_message(self, conn: Connection, message: Message[None]) -> Verdict | None:
+        self.seen.append(message.data)
+        return Pass(done=True) if message.data == b"enough\n" else None
+
+    def on_data(self, conn: Connection, chunk: Chunk) -> Verdict | None:
+        self.seen.append(b"response " + chunk.data)
+        return None
+
+
+def test_a_framed_direction_goes_to_on_message_and_after_done_chunks_pass_unseen() -> None:
+    element = Framed()
+    got = answers(element, [data_event(1, b"one\nenou"), data_event(2, b"gh\nthen"), data_event(3, b"more"),
+                            data_event(4, b"r", direction=pb.DIRECTION_RESPONSE)])
+    assert [(v.action, v.done) for v in got] == [(pb.ACTION_HOLD, False), (pb.ACTION_PASS, True),
+                                                  (pb.ACTION_PASS, False), (pb.ACTION_PASS, False)]
+    assert element.seen == [b"one\n", b"enough\n", b"response r"]  # "then", "more": passed unseen
+
+
+def test_async_on_message_is_awaited_in_order() -> None:
+    class Slow(Element):
+        directions = (Direction.REQUEST,)
+        framing = {Direction.REQUEST: Lines}
+
+        async def on_message(self, conn: Connection, message: Message[None]) -> Verdict | None:
+            await asyncio.sleep(0.001)
+            return Drop() if message.data == b"b\n" else None
+
+    got = answers(Slow(), [data_event(1, b"a\nb\nc"), data_event(2, b"\n")])
+    assert [(v.action, v.data) for v in got] == [(pb.ACTION_HOLD, b""), (pb.ACTION_PASS, b"a\nc\n")]
+
+
+def test_a_resumed_connection_with_bytes_written_is_a_framing_error() -> None:
+    opened = pb.Event(open=pb.OpenEvent(connection_id="c", resumed=True, request_bytes=10))
+    assert [v.action for v in answers(Framed(), [opened, data_event(1, b"x\n")])] == [pb.ACTION_RESET]
+    fresh = pb.Event(open=pb.OpenEvent(connection_id="c", resumed=True))  # nothing written yet: framed from here
+    assert [v.action for v in answers(Framed(), [fresh, data_event(1, b"x\n")])] == [pb.ACTION_PASS]
