@@ -3,6 +3,7 @@
 `direct` dials the servers, `haproxy` goes through haproxy (mode tcp, one thread),
 `minimal` through the least a uvloop forwarder can do (bench/min_forwarder.py: what the
 runtime allows), the others go through element-proxy with a chain of element processes.
+`guard1` (elements.redis_guard) speaks Redis only, so it is set up in front of redis alone.
 TARGET_ADDR is a single target, so each proxied set-up runs one front process per target
 server (one for iperf3, one for redis), each with its own element processes, and haproxy
 and the minimal forwarder are run the same way: the peak RSS of a front under bulk then
@@ -19,13 +20,16 @@ from bench.procs import Proc, Procs, free_port
 
 TARGETS = ("iperf", "redis")
 
-# element-proxy set-ups: name -> element modules, in chain order
+# element-proxy set-ups: name -> elements (module and options), in chain order
 CHAINS: dict[str, list[str]] = {
     "empty": [],
     "pass1": ["elements.passthrough"],
     "pass3": ["elements.passthrough"] * 3,
     "observe1": ["bench.observe_element"],
+    "guard1": ["elements.redis_guard --deny FLUSHALL,FLUSHDB,DEBUG"],
 }
+# the targets a set-up is put in front of, where not both
+ONLY = {"guard1": ("redis",)}
 SETUPS = ["direct", "haproxy", "minimal", *CHAINS]
 MIN_FORWARDER = str(Path(__file__).resolve().parent / "min_forwarder.py")
 
@@ -108,17 +112,17 @@ class Stack:
         # every element first (in parallel), then every proxy
         pending: dict[tuple[str, str], tuple[list[Proc], list[int]]] = {}
         for name in proxied:
-            for target in TARGETS:
+            for target in ONLY.get(name, TARGETS):
                 ports = [free_port() for _ in CHAINS[name]]
-                elements = [self.start_element(module, port, f"{name}-{target}-el{i}")
-                            for i, (module, port) in enumerate(zip(CHAINS[name], ports))]
+                elements = [self.start_element(spec, port, f"{name}-{target}-el{i}")
+                            for i, (spec, port) in enumerate(zip(CHAINS[name], ports))]
                 pending[name, target] = (elements, ports)
         for elements, ports in pending.values():
             for proc, port in zip(elements, ports):
                 proc.wait_listening([port])
         for name in proxied:
             fronts = {}
-            for target in TARGETS:
+            for target in ONLY.get(name, TARGETS):
                 elements, ports = pending[name, target]
                 front = Front(free_port(), elements=elements)
                 front.argv = self.proxy_argv(front.port, target, ports)
@@ -129,9 +133,10 @@ class Stack:
             for front in self.setups[name].fronts.values():
                 self.wait_proxy(front)
 
-    def start_element(self, module: str, port: int, label: str) -> Proc:
-        return self.procs.start(label, [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port),
-                                        "--log-level", "warning"])
+    def start_element(self, spec: str, port: int, label: str) -> Proc:
+        module, *options = spec.split()
+        return self.procs.start(label, [sys.executable, "-m", module, *options, "--host", "127.0.0.1",
+                                        "--port", str(port), "--log-level", "warning"])
 
     def start_minimal(self, target: str) -> Front:
         front = Front(free_port())
