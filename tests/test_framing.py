@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 from elements.api import element_pb2 as pb
 from elements.sdk import Action, Chunk, Connection, Direction, Dispatcher, Drop, Element, Lines, Message, Pass, Reset, \
-    Verdict
+    Verdict, process
 from elements.sdk.framing import Stream
 from proxy.chain import ChainPlan, LaneLimits, Stage
 from tests.chain_model import REQ, Harness, Write
+from tests.procs import REPO
 
 Judge = Callable[[Message[None]], Verdict | None]
 
@@ -218,3 +219,17 @@ def test_a_resumed_connection_with_bytes_written_is_a_framing_error() -> None:
     assert [v.action for v in answers(Framed(), [opened, data_event(1, b"x\n")])] == [pb.ACTION_RESET]
     fresh = pb.Event(open=pb.OpenEvent(connection_id="c", resumed=True))  # nothing written yet: framed from here
     assert [v.action for v in answers(Framed(), [fresh, data_event(1, b"x\n")])] == [pb.ACTION_PASS]
+
+
+def test_the_framing_example_of_docs_elements_md_runs_as_written() -> None:
+    """The complete example in docs/elements.md: DELETE lines are removed and answered, others pass."""
+    text = (REPO / "docs" / "elements.md").read_text()
+    source = text.split('"""no_delete:', 1)[1].split("```", 1)[0]
+    namespace: dict[str, object] = {"__name__": "no_delete"}
+    exec('"""no_delete:' + source, namespace)  # noqa: S102 (our own documentation)
+    element = namespace["NoDelete"]()  # type: ignore[operator]
+    request = pb.ProcessRequest(chunks=[pb.ProcessChunk(text="GET a\ndel"), pb.ProcessChunk(text="ete a\nGET b\n")])
+    got = asyncio.run(process(element, request))  # type: ignore[arg-type]
+    assert [c.verdict.action for c in got.chunks] == [pb.ACTION_HOLD, pb.ACTION_PASS]
+    assert got.chunks[1].data == b"GET a\nGET b\n"
+    assert got.chunks[1].verdict.reply == b"ERR DELETE is not allowed here\n"
