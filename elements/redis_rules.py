@@ -123,10 +123,11 @@ class Policy:
     def blocked(self, command: Command) -> str | None:
         if not command.args:
             return None  # an empty command: the server skips it
-        for rule in self.deny:
-            if rule.names(command):
-                return str(rule)
-        if self.allow and not any(rule.names(command) for rule in self.allow):
+        first = name(command.args[0])
+        denied = _naming(self.deny, first, command)
+        if denied is not None:
+            return str(denied)
+        if self.allow and _naming(self.allow, first, command) is None:
             return f"{shown(command.args[0])} (not allowed)"
         if self.protect and self._touches_protected(command):
             return f"{shown(command.args[0])} (a protected key)"
@@ -135,6 +136,11 @@ class Policy:
     def _touches_protected(self, command: Command) -> bool:
         keys = write_keys(command)
         return keys is None or any(pattern.fullmatch(key) for pattern in self.protect for key in keys)
+
+
+def _naming(rules: tuple[Rule, ...], first: str, command: Command) -> Rule | None:
+    """The first rule naming the command whose name is `first`."""
+    return next((rule for rule in rules if rule.command == first and rule.names(command)), None)
 
 
 def write_keys(command: Command) -> tuple[bytes, ...] | None:

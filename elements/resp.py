@@ -93,6 +93,10 @@ class Resp:
         while pos < end:
             state = self.state
             if state is _State.START:
+                if data[pos] == 0x2A:  # '*'
+                    whole = self._whole(data, pos)
+                    if whole is not None:
+                        return whole, Event.END
                 self._begin(data[pos])
                 if self.state is _State.COUNT:
                     pos += 1
@@ -106,6 +110,28 @@ class Resp:
             if event is not None:
                 return pos, event
         return pos, None
+
+    def _whole(self, data: bytes, pos: int) -> int | None:
+        """The common case at once: an array command wholly in `data` from `pos`, valid, within
+        the head bound; where it ends, with `found` set. None: anything else, which the state
+        machine below then reads byte for byte (and accepts or breaks exactly as the server)."""
+        end = len(data)
+        line = _number_line(data, pos + 1, end)
+        if line < 0 or int(data[pos + 1:line]) > COUNT_MAX:
+            return None
+        count, at, args = int(data[pos + 1:line]), line + 2, []
+        for _ in range(count):
+            line = _number_line(data, at + 1, end) if data[at:at + 1] == b"$" else -1
+            if line < 0:
+                return None
+            length = int(data[at + 1:line])
+            stop = line + 2 + length
+            if not 0 <= length <= BULK_MAX or stop + 2 > end or stop + 2 - pos > self.head_bytes:
+                return None
+            args.append(data[line + 2:stop])
+            at = stop + 2
+        self.found = Command(tuple(args), max(count, 0))
+        return at
 
     # -- the states --------------------------------------------------------------------------------
 
@@ -135,20 +161,22 @@ class Resp:
 
     def _number(self, data: bytes, pos: int) -> tuple[int, Event | None]:
         """`*<count>` or `$<length>` up to its \\r and the one byte the server skips after it."""
-        while pos < len(data):
-            byte = data[pos]
-            pos += 1
+        if self.after_cr:
             self.taken += 1
-            if self.after_cr:
-                return self._number_done(pos)
-            if byte == 0x0D:
-                self.after_cr = True
-            elif byte == 0 or len(self.line) >= NUMBER_MAX + 1:
-                return self._broken(pos, "invalid multibulk length" if self.state is _State.COUNT
-                                    else "invalid bulk length")
-            else:
-                self.line.append(byte)
-        return pos, None
+            return self._number_done(pos + 1)
+        room = NUMBER_MAX + 2 - len(self.line)  # what this line may still hold, its \r included
+        line = data.find(b"\r", pos, pos + room)
+        stop = line if line >= 0 else min(len(data), pos + room)
+        if data.find(b"\0", pos, stop) >= 0 or line < 0 and stop - pos >= room:
+            return self._broken(stop, "invalid multibulk length" if self.state is _State.COUNT
+                                else "invalid bulk length")
+        self.line += data[pos:stop]
+        self.taken += stop - pos
+        if line < 0:
+            return stop, None
+        self.after_cr = True
+        self.taken += 1
+        return self._number(data, line + 1) if line + 1 < len(data) else (line + 1, None)
 
     def _number_done(self, pos: int) -> tuple[int, Event | None]:
         text = bytes(self.line)
@@ -202,6 +230,13 @@ class Resp:
     def _broken(self, pos: int, problem: str) -> tuple[int, Event | None]:
         self.problem = f"Protocol error: {problem}"
         return pos, Event.BROKEN
+
+
+def _number_line(data: bytes, start: int, end: int) -> int:
+    """Where the \\r after a string2ll number starting at `start` is, with the byte the server skips
+    after it present; -1 when there is no such line there (yet)."""
+    line = data.find(b"\r", start, start + NUMBER_MAX + 2)
+    return line if 0 <= line < end - 1 and _NUMBER.fullmatch(data, start, line) else -1
 
 
 def split_args(line: bytes) -> list[bytes] | None:

@@ -77,6 +77,20 @@ def test_a_large_argument_ends_the_head_before_it_and_streams(before: list[bytes
     assert found == [(Event.HEAD, head), (Event.END, head), (Event.END, Command((b"PING",), 1))]
 
 
+soup = st.lists(st.sampled_from([b"*", b"$", b"\r", b"\n", b"\r\n", b"0", b"1", b"2", b"3", b"-", b"-1", b"10",
+                                  b"\0", b"x", b"PING", b" ", b'"', b"'", b"\\", b"*1\r\n$4\r\nPING\r\n"]),
+                max_size=40).map(b"".join)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(wire=soup, data=st.data())
+def test_any_bytes_frame_the_same_whole_byte_by_byte_and_cut_anywhere(wire: bytes, data: st.DataObject) -> None:
+    """The fast path for whole arrays and the state machine agree on every input, broken ones too."""
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(len(wire) - 1, 1)), max_size=5), label="cuts"))
+    pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)]) if wire[a:b]]
+    assert frames([wire]) == frames([bytes([b]) for b in wire]) == frames(pieces)
+
+
 @pytest.mark.parametrize(("wire", "want"), [
     (b"*1\rX$4\r\nPINGxy", [Command((b"PING",), 1)]),  # the server skips the byte after \r, and the two after a bulk
     (b"FLU\"SHALL\"\r\n", [Command((b"FLUSHALL",), 1, True)]),
@@ -88,7 +102,8 @@ def test_a_large_argument_ends_the_head_before_it_and_streams(before: list[bytes
     (b"*-7\r\n*0\r\n", [Command((), 0), Command((), 0)]),
 ])
 def test_what_the_server_accepts(wire: bytes, want: list[Command]) -> None:
-    assert frames([wire]) == [(Event.END, command) for command in want]
+    """Whole (an array in one piece takes the fast path) and one byte at a time (the state machine)."""
+    assert frames([wire]) == frames([bytes([b]) for b in wire]) == [(Event.END, command) for command in want]
 
 
 @pytest.mark.parametrize(("wire", "says"), [
@@ -100,8 +115,9 @@ def test_what_the_server_accepts(wire: bytes, want: list[Command]) -> None:
     (b'"a"b\r\n', "unbalanced quotes"), (b"x" * (64 * 1024 + 1), "too big inline request"),
 ])
 def test_what_the_server_refuses_breaks_the_framing(wire: bytes, says: str) -> None:
-    [(event, problem)] = frames([wire])
-    assert event is Event.BROKEN and says in str(problem), problem
+    for pieces in ([wire], [bytes([b]) for b in wire]):
+        [(event, problem)] = frames(pieces)
+        assert event is Event.BROKEN and says in str(problem), problem
 
 
 # ---- against the real server ---------------------------------------------------------------------
