@@ -40,7 +40,7 @@ from bench.setups import CHAINS, KNOWN_SETUPS, SETUPS, Front, Setup, Stack  # no
 from bench.workloads import REDIS_WORKLOADS, Redis, WorkloadFailed, iperf3, redis_benchmark  # noqa: E402
 
 IDLE_CONNECTIONS = 10_000
-CALIBRATION_REQUESTS = {"get1": 1000, "get1cpu": 1000, "get50": 5000, "churn": 1000}
+CALIBRATION_REQUESTS = {"get1": 1000, "get1cpu": 1000, "get50": 5000, "churn": 1000, "pipe16": 20000}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -153,6 +153,8 @@ class Bench:
 
     # workloads ------------------------------------------------------------------
     def bulk(self, rep: int, setup: Setup, reverse: bool) -> None:
+        if "iperf" not in setup.fronts:
+            return  # a set-up for redis alone (the guard)
         name = "bulk_down" if reverse else "bulk_up"
         record = self.sample(rep, setup, name, "iperf", lambda port: iperf3(port, self.args.bulk_seconds, reverse))
         record["server_drain_s"] = self.iperf_idle()
@@ -229,8 +231,8 @@ class Bench:
     def peak_rss(self, rep: int) -> None:
         """VmHWM of each set-up's iperf3 front and its elements: the peak of bulk so far."""
         for name in self.setups:
-            front = self.stack.setups[name].fronts["iperf"]
-            if front.proc is None or not front.proc.alive():
+            front = self.stack.setups[name].fronts.get("iperf")
+            if front is None or front.proc is None or not front.proc.alive():
                 continue
             elements = [proc.status()["VmHWM"] * 1024 / 1e6 for proc in front.elements if proc.alive()]
             figures = {"front_hwm_mb": front.proc.status()["VmHWM"] * 1024 / 1e6,

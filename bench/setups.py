@@ -3,6 +3,7 @@
 `direct` dials the servers, `haproxy` goes through haproxy (mode tcp, one thread),
 `minimal` through the least a uvloop forwarder can do (bench/min_forwarder.py: what the
 runtime allows), the others go through element-proxy with a chain of element processes.
+`guard1` (elements.redis_guard) speaks Redis only, so it is set up in front of redis alone.
 TARGET_ADDR is a single target, so each proxied set-up runs one front process per target
 server (one for iperf3, one for redis), each with its own element processes, and haproxy
 and the minimal forwarder are run the same way: the peak RSS of a front under bulk then
@@ -25,17 +26,20 @@ from bench.procs import Proc, Procs, free_port
 
 TARGETS = ("iperf", "redis")
 
-# element-proxy set-ups: name -> element modules, in chain order
+# element-proxy set-ups: name -> elements (module and options), in chain order
 CHAINS: dict[str, list[str]] = {
     "empty": [],
     "pass1": ["elements.passthrough"],
     "pass3": ["elements.passthrough"] * 3,
     "observe1": ["bench.observe_element"],
     "pass1x2": ["elements.passthrough"],
+    "guard1": ["elements.redis_guard --deny FLUSHALL,FLUSHDB,DEBUG"],
 }
 # set-ups whose element runs as replicas behind one name: set-up -> the replicas' addresses
 REPLICAS = {"pass1x2": ("127.0.0.2", "127.0.0.3")}
 REPLICA_NAME = "bench-replicas"
+# the targets a set-up is put in front of, where not both
+ONLY = {"guard1": ("redis",)}
 # the default run: pass1x2 needs root (a mount namespace), so it runs when asked for
 SETUPS = ["direct", "haproxy", "minimal", *(name for name in CHAINS if name not in REPLICAS)]
 KNOWN_SETUPS = [*SETUPS, *REPLICAS]
@@ -121,11 +125,11 @@ class Stack:
         pending: dict[tuple[str, str], tuple[list[Proc], list[int]]] = {}
         for name in proxied:
             hosts = REPLICAS.get(name, ("127.0.0.1",))
-            for target in TARGETS:
+            for target in ONLY.get(name, TARGETS):
                 ports = [free_port() for _ in CHAINS[name]]
-                elements = [self.start_element(module, port, f"{name}-{target}-el{i}"
+                elements = [self.start_element(spec, port, f"{name}-{target}-el{i}"
                                                + (f"-{host}" if name in REPLICAS else ""), host)
-                            for i, (module, port) in enumerate(zip(CHAINS[name], ports)) for host in hosts]
+                            for i, (spec, port) in enumerate(zip(CHAINS[name], ports)) for host in hosts]
                 pending[name, target] = (elements, ports)
         for name, _ in pending:
             if name in REPLICAS and os.geteuid() != 0:
@@ -136,7 +140,7 @@ class Stack:
                 proc.wait_listening([port], host=host)
         for name in proxied:
             fronts = {}
-            for target in TARGETS:
+            for target in ONLY.get(name, TARGETS):
                 elements, ports = pending[name, target]
                 front = Front(free_port(), elements=elements)
                 front.argv = self.proxy_argv(front.port, target, ports, self.replicas_hosts(name, target))
@@ -147,8 +151,9 @@ class Stack:
             for front in self.setups[name].fronts.values():
                 self.wait_proxy(front)
 
-    def start_element(self, module: str, port: int, label: str, host: str = "127.0.0.1") -> Proc:
-        return self.procs.start(label, [sys.executable, "-m", module, "--host", host, "--port", str(port),
+    def start_element(self, spec: str, port: int, label: str, host: str = "127.0.0.1") -> Proc:
+        module, *options = spec.split()
+        return self.procs.start(label, [sys.executable, "-m", module, *options, "--host", host, "--port", str(port),
                                         "--log-level", "warning"])
 
     def replicas_hosts(self, name: str, target: str) -> Path | None:

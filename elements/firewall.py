@@ -1,7 +1,7 @@
 """firewall: rejects connections by destination, resets connections whose bytes match.
 
     python -m elements.firewall --port 50052 --deny-cidr 10.0.0.0/8 --deny-port 23 \\
-        --pattern FLUSHALL --regex '(?i)drop\\s+table' --direction request
+        --regex '(?i)flushall' --regex '(?i)drop\\s+table' --direction request
 
 On Open, a connection whose original destination is in a `--deny-cidr` network or
 has a `--deny-port` port gets `--open-action` (reset or close; default reset) and is
@@ -18,8 +18,10 @@ announces as resumed (already under way when this firewall's session began) is r
 when there are patterns to match, since a pattern split across the restart would slip
 through; `--accept-resumed` keeps such connections (its destination is still checked).
 Byte patterns match bytes: they cannot know that Redis commands are case-insensitive
-(`flushall` is FLUSHALL) or that SQL allows comments between keywords. Use `(?i)`
-regexes for the first and a protocol-aware guard element where the protocol matters.
+(`flushall` is FLUSHALL) and may be quoted inline (`"FLUSH\\x41LL"`), that SQL allows
+comments between keywords (`DROP/**/TABLE`), or that a match in the response direction
+comes after the server acted. `(?i)` helps with case only: where the protocol matters,
+use a protocol-aware element (elements/redis_guard.py for Redis).
 """
 
 from __future__ import annotations

@@ -97,6 +97,7 @@ class ElementConfig:
     tls_key: str = ""
     tls_server_name: str = ""
     tls: TlsFiles | None = None  # read from the tls_* files; None: plaintext
+    max_held_bytes: int = MiB
 
     @property
     def fail_open(self) -> bool:
@@ -200,6 +201,8 @@ ELEMENT_LIMITS = {
     "breaker_failure_percent": Limit(0, 100, "off"),
     "breaker_min_events": Limit(1, 1_000_000),
     "resolve_interval_ms": Limit(0, DAY_MS, "at start and when a session is lost only"),
+    # Per connection and direction: what an element may keep at the proxy with HOLD verdicts.
+    "max_held_bytes": Limit(0, GiB, "HOLD refused"),
 }
 TLS_KEYS = ("tls_ca", "tls_cert", "tls_key", "tls_server_name")
 

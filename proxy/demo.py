@@ -29,12 +29,13 @@ from proxy.net.worker import Worker
 
 ELEMENTS: tuple[tuple[str, list[str]], ...] = (
     ("logger", []),
-    ("firewall", ["--pattern", "DROP TABLE", "--direction", "request"]),
+    ("firewall", ["--regex", r"(?i)drop\s+table", "--direction", "request"]),
     ("rewrite", ["--from", "hello", "--to", "howdy", "--direction", "request"]),
 )
 REQUESTS = (
     (b"hello world\n", "the rewrite element turns 'hello' into 'howdy'"),
-    (b"SELECT 1; DROP TABLE users;\n", "the firewall resets a connection whose bytes match 'DROP TABLE'"),
+    (b"SELECT 1; DROP TABLE users;\n", "the firewall resets a connection whose bytes match (?i)drop\\s+table "
+                                        "(bytes, not SQL: DROP/**/TABLE would pass)"),
     (b"just passing through\n", "untouched bytes pass both ways"),
 )
 SERVE_TIMEOUT = 15.0

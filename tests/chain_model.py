@@ -8,7 +8,8 @@ wait for a verdict (a target was given) also become `Ask`s, which a test answers
 The model (`model_lane`) is deliberately written differently from chain.py: no FIFOs and no
 callbacks, it recomputes from scratch, from the chunks a lane dispatched and the verdicts
 delivered so far, where every chunk is now: received by which stages (with which bytes and
-metadata), stuck at a stage, dropped, ended by a terminal verdict, or out on the wire.
+metadata), stuck at a stage, kept by an element (HOLD), dropped, ended by a terminal
+verdict, or out on the wire; and which replies the verdicts it applied sent back.
 """
 
 from __future__ import annotations
@@ -216,10 +217,11 @@ class Harness:
         return found[0]
 
     def verdict(self, element: int, seq: int, action: int = Action.PASS, data: bytes | None = None,
-                metadata: Mapping[str, str] | None = None) -> list[Call]:
+                metadata: Mapping[str, str] | None = None, reply: bytes | None = None,
+                done: bool = False) -> list[Call]:
         ask = self.ask(element, seq)
         self.out.asks.remove(ask)
-        ask.target.on_verdict(ask.pos, seq, action, data, metadata)
+        ask.target.on_verdict(ask.pos, seq, action, data, metadata, reply, done)
         return self.take()
 
     def feed(self, direction: Direction, data: bytes) -> list[Call]:
@@ -244,17 +246,30 @@ class Unit:
 
 
 class SpyLane(Lane):
-    """A Lane that records how it cut its input. White box on purpose: how reads are cut into
-    chunks is the lane's own business (TCP has no boundaries), so the model takes the cut as
-    given and checks everything downstream of it."""
+    """A Lane that records how it cut its input and when an element's `done` took effect. White
+    box on purpose: how reads are cut into chunks is the lane's own business (TCP has no
+    boundaries), and when a verdict is applied depends on the order verdicts arrive in, so the
+    model takes both as given and checks everything downstream of them."""
 
-    __slots__ = ("units", "eof_out", "stopped")
+    __slots__ = ("units", "eof_out", "stopped", "sent", "done_after")
 
     def __init__(self, *args: object) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
         self.units: list[Unit] = []
         self.eof_out = False
         self.stopped = False  # an element closed the connection after it opened: input stopped
+        self.sent = [0] * len(self.stages)  # chunks sent to each stage so far
+        self.done_after: dict[int, int] = {}  # stage -> chunks it had been sent when its `done` took effect
+
+    def _send(self, stage: Stage, pos: int, chunk: object) -> bool:
+        self.sent[pos] += 1
+        return super()._send(stage, pos, chunk)  # type: ignore[arg-type]
+
+    def exhaust(self, pos: int) -> None:
+        stage = self.stages[pos]
+        if not (stage.byte_limit and self.seen[pos] >= stage.byte_limit):  # that one the model computes itself
+            self.done_after.setdefault(pos, self.sent[pos])
+        super().exhaust(pos)
 
     def stop_input(self, drop_from_seq: int | None) -> None:
         self.stopped = True
@@ -291,8 +306,38 @@ def flow_for(plan: ChainPlan, limits: LaneLimits, out: Recorder) -> Flow:
     return flow
 
 
-def spy_flow(plan: ChainPlan, limits: LaneLimits, out: Recorder) -> Flow:
-    flow = flow_for(plan, limits, out)
+@dataclass(frozen=True)
+class Reply:
+    """A verdict's reply to the sender of a chunk of `direction`: written, or not (that side was
+    half-closed already)."""
+
+    direction: Direction
+    data: bytes
+    written: bool
+
+
+class SpyFlow(Flow):
+    """A Flow that records every reply its verdicts send back, and which Write calls they became,
+    so a test can tell a lane's own bytes from replies on the same socket."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.replies: list[Reply] = []
+        self.reply_writes: set[int] = set()  # indexes into the recorder's calls
+
+    def reply(self, direction: Direction, data: bytes) -> None:
+        calls: list[Call] = self.sockets.calls  # type: ignore[attr-defined]
+        before = len(calls)
+        super().reply(direction, data)
+        written = len(calls) > before
+        if written:
+            self.reply_writes.add(before)
+        self.replies.append(Reply(direction, bytes(data), written))
+
+
+def spy_flow(plan: ChainPlan, limits: LaneLimits, out: Recorder) -> SpyFlow:
+    flow = SpyFlow(plan, limits, out, out.ports, out)
+    out.flow = flow
     flow.request = SpyLane(flow, REQ, plan.request, limits)
     flow.response = SpyLane(flow, RESP, plan.response, limits)
     return flow
@@ -300,8 +345,19 @@ def spy_flow(plan: ChainPlan, limits: LaneLimits, out: Recorder) -> Flow:
 
 # ---- the reference model -------------------------------------------------------------------
 
-Decision = tuple[int, bytes | None, Mapping[str, str] | None]
+# action, replacement bytes, metadata, reply, done
+Decision = tuple[int, bytes | None, Mapping[str, str] | None, bytes | None, bool]
 TERMINAL = (Action.CLOSE, Action.RESET, Action.FAIL)
+
+
+@dataclass
+class Kept:
+    """A chunk an element holds (HOLD): its bytes and metadata as the element left them."""
+
+    seq: int
+    data: bytes
+    metadata: dict[str, str]
+    size: int  # bytes read that it accounts for
 
 
 @dataclass
@@ -310,40 +366,74 @@ class LaneModel:
     receipts: list[list[tuple[int | None, bytes, bool, dict[str, str]]]]
     # chunks that left the chain onto the wire, in order: (seq, bytes, eos)
     outputs: list[tuple[int | None, bytes, bool]]
-    # chunks still inside the chain (stuck at an inline stage): seq -> original size
+    # chunks still inside the chain (stuck at an inline stage): seq -> bytes read it accounts for
     in_flight: dict[int | None, int]
-    # chunks ended by a terminal verdict, in sequence order: (seq, action)
+    # chunks ended by a terminal verdict, in sequence order: (seq, action); for a CLOSE, the seq
+    # is the first chunk its element held, as they went with it
     terminals: list[tuple[int | None, int]]
+    # per stage position: what its element holds
+    kept: dict[int, list[Kept]]
+    # the replies of the verdicts applied, in no particular order across stages
+    replies: list[bytes]
+    # the verdicts applied with `done` (PASS or DROP): (stage position, seq)
+    done: list[tuple[int, int]]
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(k.size for held in self.kept.values() for k in held)
 
 
-def model_lane(units: list[Unit], stages: tuple[Stage, ...],
-               decisions: Mapping[tuple[int, int], Decision]) -> LaneModel:
+def _merged(*metadatas: Mapping[str, str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for metadata in metadatas:
+        out.update(metadata or {})
+    return out
+
+
+def model_lane(units: list[Unit], stages: tuple[Stage, ...], decisions: Mapping[tuple[int, int], Decision],
+               done_after: Mapping[int, int] | None = None) -> LaneModel:
     """Where each unit of one lane is, given the verdicts delivered so far.
 
-    Rules, from the proto and DESIGN.md: a stage that has seen `byte_limit` bytes is bypassed;
-    an inline stage holds a chunk until its verdict; a stage releases chunks in sequence order,
-    so a chunk never gets past a stage where an earlier chunk still waits (it is still sent to
-    that stage, pipelining); an observe stage never holds. PASS replaces the bytes (when given)
-    and merges metadata; DROP removes the chunk, except that an end_of_stream chunk goes on
-    empty; a terminal verdict removes the chunk (the caller decides what it does to the flow).
+    Rules, from the proto and DESIGN.md: a stage that has seen `byte_limit` bytes is bypassed, as is
+    one whose element said done (from its `done_after[pos]`-th receipt on); an inline stage holds
+    a chunk until its verdict; a stage releases chunks in sequence order, so a chunk never gets
+    past a stage where an earlier chunk still waits (it is still sent to that stage, pipelining);
+    an observe stage never holds. PASS replaces the bytes (when given) and merges metadata; DROP
+    removes the chunk, except that an end_of_stream chunk goes on empty; HOLD keeps the chunk
+    at its stage until that stage's next verdict, which decides the kept chunks with its own:
+    PASS carries them on as one chunk under its sequence (their bytes then its own, or the
+    replacement), DROP and the terminal verdicts take them along; a chunk bypassing a stage
+    carries what it keeps on as PASS would; a terminal verdict removes the chunk (the caller
+    decides what it does to the flow). Every verdict applied but RESET and FAIL sends its reply.
     """
     n = len(stages)
+    done_after = done_after or {}
     seen = [0] * n
     receipts: list[list[tuple[int | None, bytes, bool, dict[str, str]]]] = [[] for _ in stages]
     outputs: list[tuple[int | None, bytes, bool]] = []
     in_flight: dict[int | None, int] = {}
     terminals: list[tuple[int | None, int]] = []
+    kept: dict[int, list[Kept]] = {}
+    replies: list[bytes] = []
+    done: list[tuple[int, int]] = []
     block = n  # lowest stage where an earlier chunk is still held
     for unit in units:
-        data, metadata, pos = unit.data, {}, 0
+        data, metadata, pos, size = unit.data, {}, 0, len(unit.data)
         stuck: int | None = None
         gone = False
         while pos < n:
             stage = stages[pos]
-            if stage.byte_limit and seen[pos] >= stage.byte_limit:
+            bypassed = (stage.byte_limit and seen[pos] >= stage.byte_limit
+                        or pos in done_after and len(receipts[pos]) >= done_after[pos])
+            if bypassed:
                 if stage.inline and pos == block:
                     stuck = pos
                     break
+                if pos in kept:
+                    held = kept.pop(pos)
+                    data = b"".join([*(k.data for k in held), data])
+                    metadata = _merged(*(k.metadata for k in held), metadata)
+                    size += sum(k.size for k in held)
                 pos += 1
                 continue
             receipts[pos].append((unit.seq, data, unit.eos, dict(metadata)))
@@ -355,9 +445,23 @@ def model_lane(units: list[Unit], stages: tuple[Stage, ...],
             if pos == block or decision is None:
                 stuck = pos
                 break
-            action, replacement, verdict_metadata = decision
+            action, replacement, verdict_metadata, reply, said_done = decision
+            if reply and action not in (Action.RESET, Action.FAIL):
+                replies.append(reply)
+            if action == Action.HOLD:
+                assert unit.seq is not None and not unit.eos, "the test never holds an end of stream"
+                kept.setdefault(pos, []).append(Kept(unit.seq, data, _merged(metadata, verdict_metadata), size))
+                gone = True
+                break
+            held = kept.pop(pos, [])
+            size += sum(k.size for k in held)
+            if said_done and action in (Action.PASS, Action.DROP):
+                done.append((pos, unit.seq))  # type: ignore[arg-type]
             if action == Action.PASS:
-                if replacement is not None:
+                if held:
+                    data = b"".join([*(k.data for k in held), data]) if replacement is None else replacement
+                    metadata = _merged(*(k.metadata for k in held), metadata)
+                elif replacement is not None:
                     data = replacement
                 if verdict_metadata:
                     metadata = {**metadata, **verdict_metadata}
@@ -367,13 +471,13 @@ def model_lane(units: list[Unit], stages: tuple[Stage, ...],
                     break
                 data = b""
             else:
-                terminals.append((unit.seq, action))
+                terminals.append((held[0].seq if held and action == Action.CLOSE else unit.seq, action))
                 gone = True
                 break
             pos += 1
         if stuck is not None:
             block = min(block, stuck)
-            in_flight[unit.seq] = len(unit.data)
+            in_flight[unit.seq] = size
         elif not gone:
             outputs.append((unit.seq, data, unit.eos))
-    return LaneModel(receipts, outputs, in_flight, terminals)
+    return LaneModel(receipts, outputs, in_flight, terminals, kept, replies, done)

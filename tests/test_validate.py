@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from elements.api import element_pb2 as pb
-from proxy.sessions.validate import VerdictLimits, description_problem, verdict_problem
+from proxy.sessions.validate import DATA, END_OF_STREAM, OPEN, VerdictLimits, description_problem, verdict_problem
 
 LIMITS = VerdictLimits(replacement_bytes=100, metadata_entries=3, metadata_key_bytes=8, metadata_value_bytes=16,
-                       metadata_bytes=30)
+                       metadata_bytes=30, held_bytes=50)
 
 
 @pytest.mark.parametrize("description", [
@@ -45,7 +45,7 @@ def test_verdicts_within_the_limits(action: int, data: bytes | None, metadata: d
 
 
 @pytest.mark.parametrize(("action", "data", "metadata", "cause", "says"), [
-    (0, None, {}, "bad_action", "action 0 is not PASS, DROP, CLOSE or RESET"),
+    (0, None, {}, "bad_action", "action 0 is not PASS, DROP, CLOSE, RESET or HOLD"),
     (77, None, {}, "bad_action", "action 77"),
     (pb.ACTION_PASS, b"x" * 101, {}, "replacement_too_big", "101 replacement bytes, over max_replacement_bytes (100)"),
     (pb.ACTION_PASS, None, {str(i): "" for i in range(4)}, "metadata_too_big",
@@ -59,3 +59,22 @@ def test_verdicts_over_the_limits_say_which(action: int, data: bytes | None, met
                                             says: str) -> None:
     problem = verdict_problem(action, data, metadata, LIMITS)
     assert problem is not None and problem[0] == cause and says in problem[1], problem
+
+
+def test_a_hold_is_valid_only_on_a_data_event_that_a_later_chunk_can_decide() -> None:
+    assert verdict_problem(pb.ACTION_HOLD, None, {}, LIMITS, answers=DATA, held=50) is None
+    assert verdict_problem(pb.ACTION_HOLD, None, {}, LIMITS, reply=b"+OK\r\n", answers=DATA, held=1) is None
+    assert verdict_problem(pb.ACTION_PASS, None, {}, LIMITS, done=True, answers=END_OF_STREAM) is None
+    for answers, says in ((OPEN, "ACTION_HOLD on an Open event"),
+                          (END_OF_STREAM, "ACTION_HOLD on an end_of_stream Data event: no later chunk")):
+        assert verdict_problem(pb.ACTION_HOLD, None, {}, LIMITS, answers=answers) == (
+            "bad_hold", f"{says.split(':')[0]}: no later chunk could decide it")
+    assert verdict_problem(pb.ACTION_HOLD, None, {}, LIMITS, done=True) == (
+        "bad_hold", "ACTION_HOLD with done: no later chunk would be sent to decide it")
+
+
+def test_holding_past_max_held_bytes_and_a_reply_past_the_replacement_limit_are_invalid() -> None:
+    assert verdict_problem(pb.ACTION_HOLD, None, {}, LIMITS, held=51) == (
+        "held_too_much", "ACTION_HOLD would hold 51 bytes of this connection and direction, over max_held_bytes (50)")
+    assert verdict_problem(pb.ACTION_PASS, None, {}, LIMITS, reply=b"x" * 101) == (
+        "reply_too_big", "101 reply bytes, over max_replacement_bytes (100)")

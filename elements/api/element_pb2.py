@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\relement.proto\x12\nelement.v1\"#\n\x07\x41\x64\x64ress\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"\xc9\x02\n\tOpenEvent\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12#\n\x06\x63lient\x18\x02 \x01(\x0b\x32\x13.element.v1.Address\x12\x31\n\x14original_destination\x18\x03 \x01(\x0b\x32\x13.element.v1.Address\x12%\n\x08listener\x18\x04 \x01(\x0b\x32\x13.element.v1.Address\x12\x35\n\x08metadata\x18\x05 \x03(\x0b\x32#.element.v1.OpenEvent.MetadataEntry\x12\x0f\n\x07resumed\x18\x06 \x01(\x08\x12\x15\n\rrequest_bytes\x18\x07 \x01(\x04\x12\x16\n\x0eresponse_bytes\x18\x08 \x01(\x04\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xeb\x01\n\tDataEvent\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12(\n\tdirection\x18\x03 \x01(\x0e\x32\x15.element.v1.Direction\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x15\n\rend_of_stream\x18\x05 \x01(\x08\x12\x35\n\x08metadata\x18\x06 \x03(\x0b\x32#.element.v1.DataEvent.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\nCloseEvent\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.element.v1.CloseReason\x12\x15\n\rrequest_bytes\x18\x03 \x01(\x04\x12\x16\n\x0eresponse_bytes\x18\x04 \x01(\x04\"\x87\x01\n\x05\x45vent\x12%\n\x04open\x18\x01 \x01(\x0b\x32\x15.element.v1.OpenEventH\x00\x12%\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x15.element.v1.DataEventH\x00\x12\'\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x16.element.v1.CloseEventH\x00\x42\x07\n\x05\x65vent\"3\n\x0eSessionRequest\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.element.v1.Event\"\xd8\x01\n\x07Verdict\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\"\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x12.element.v1.Action\x12\x11\n\x04\x64\x61ta\x18\x04 \x01(\x0cH\x00\x88\x01\x01\x12\x33\n\x08metadata\x18\x05 \x03(\x0b\x32!.element.v1.Verdict.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_data\"8\n\x0fSessionResponse\x12%\n\x08verdicts\x18\x01 \x03(\x0b\x32\x13.element.v1.Verdict\"\x11\n\x0f\x44\x65scribeRequest\"\xb5\x01\n\x0b\x44\x65scription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\ndirections\x18\x02 \x03(\x0e\x32\x15.element.v1.Direction\x12\x12\n\nwants_open\x18\x03 \x01(\x08\x12\x1e\n\x04mode\x18\x04 \x01(\x0e\x32\x10.element.v1.Mode\x12\x1b\n\x13request_bytes_limit\x18\x05 \x01(\x04\x12\x1c\n\x14response_bytes_limit\x18\x06 \x01(\x04\"\x92\x01\n\x0eProcessRequest\x12#\n\x04open\x18\x01 \x01(\x0b\x32\x15.element.v1.OpenEvent\x12#\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x15.element.v1.DataEvent\x12\x0c\n\x04text\x18\x03 \x01(\t\x12(\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x18.element.v1.ProcessChunk\"\xe9\x01\n\x0cProcessChunk\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12(\n\tdirection\x18\x03 \x01(\x0e\x32\x15.element.v1.Direction\x12\x15\n\rend_of_stream\x18\x04 \x01(\x08\x12\x38\n\x08metadata\x18\x05 \x03(\x0b\x32&.element.v1.ProcessChunk.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\r\n\x0b\x62ytes_given\"\x9b\x01\n\x0fProcessResponse\x12)\n\x0copen_verdict\x18\x01 \x01(\x0b\x32\x13.element.v1.Verdict\x12$\n\x07verdict\x18\x02 \x01(\x0b\x32\x13.element.v1.Verdict\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x19.element.v1.ProcessResult\"Q\n\rProcessResult\x12$\n\x07verdict\x18\x01 \x01(\x0b\x32\x13.element.v1.Verdict\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04text\x18\x03 \x01(\t*U\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44IRECTION_REQUEST\x10\x01\x12\x16\n\x12\x44IRECTION_RESPONSE\x10\x02*f\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_PASS\x10\x01\x12\x0f\n\x0b\x41\x43TION_DROP\x10\x02\x12\x10\n\x0c\x41\x43TION_CLOSE\x10\x03\x12\x10\n\x0c\x41\x43TION_RESET\x10\x04*?\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMODE_INLINE\x10\x01\x12\x10\n\x0cMODE_OBSERVE\x10\x02*\xcb\x02\n\x0b\x43loseReason\x12\x1c\n\x18\x43LOSE_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43LOSE_REASON_COMPLETED\x10\x01\x12\"\n\x1e\x43LOSE_REASON_CLOSED_BY_ELEMENT\x10\x02\x12!\n\x1d\x43LOSE_REASON_RESET_BY_ELEMENT\x10\x03\x12\x1b\n\x17\x43LOSE_REASON_PEER_RESET\x10\x04\x12%\n!CLOSE_REASON_UPSTREAM_UNREACHABLE\x10\x05\x12\x18\n\x14\x43LOSE_REASON_FAILURE\x10\x06\x12\x1d\n\x19\x43LOSE_REASON_IDLE_TIMEOUT\x10\x07\x12\x1d\n\x19\x43LOSE_REASON_MAX_DURATION\x10\x08\x12\x1f\n\x1b\x43LOSE_REASON_PROXY_STOPPING\x10\t2\xd7\x01\n\x07\x45lement\x12\x46\n\x07Session\x12\x1a.element.v1.SessionRequest\x1a\x1b.element.v1.SessionResponse(\x01\x30\x01\x12@\n\x08\x44\x65scribe\x12\x1b.element.v1.DescribeRequest\x1a\x17.element.v1.Description\x12\x42\n\x07Process\x12\x1a.element.v1.ProcessRequest\x1a\x1b.element.v1.ProcessResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\relement.proto\x12\nelement.v1\"#\n\x07\x41\x64\x64ress\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"\xc9\x02\n\tOpenEvent\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12#\n\x06\x63lient\x18\x02 \x01(\x0b\x32\x13.element.v1.Address\x12\x31\n\x14original_destination\x18\x03 \x01(\x0b\x32\x13.element.v1.Address\x12%\n\x08listener\x18\x04 \x01(\x0b\x32\x13.element.v1.Address\x12\x35\n\x08metadata\x18\x05 \x03(\x0b\x32#.element.v1.OpenEvent.MetadataEntry\x12\x0f\n\x07resumed\x18\x06 \x01(\x08\x12\x15\n\rrequest_bytes\x18\x07 \x01(\x04\x12\x16\n\x0eresponse_bytes\x18\x08 \x01(\x04\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xeb\x01\n\tDataEvent\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12(\n\tdirection\x18\x03 \x01(\x0e\x32\x15.element.v1.Direction\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x15\n\rend_of_stream\x18\x05 \x01(\x08\x12\x35\n\x08metadata\x18\x06 \x03(\x0b\x32#.element.v1.DataEvent.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\nCloseEvent\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.element.v1.CloseReason\x12\x15\n\rrequest_bytes\x18\x03 \x01(\x04\x12\x16\n\x0eresponse_bytes\x18\x04 \x01(\x04\"\x87\x01\n\x05\x45vent\x12%\n\x04open\x18\x01 \x01(\x0b\x32\x15.element.v1.OpenEventH\x00\x12%\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x15.element.v1.DataEventH\x00\x12\'\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x16.element.v1.CloseEventH\x00\x42\x07\n\x05\x65vent\"3\n\x0eSessionRequest\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.element.v1.Event\"\x84\x02\n\x07Verdict\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\"\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x12.element.v1.Action\x12\x11\n\x04\x64\x61ta\x18\x04 \x01(\x0cH\x00\x88\x01\x01\x12\x33\n\x08metadata\x18\x05 \x03(\x0b\x32!.element.v1.Verdict.MetadataEntry\x12\x12\n\x05reply\x18\x06 \x01(\x0cH\x01\x88\x01\x01\x12\x0c\n\x04\x64one\x18\x07 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_dataB\x08\n\x06_reply\"8\n\x0fSessionResponse\x12%\n\x08verdicts\x18\x01 \x03(\x0b\x32\x13.element.v1.Verdict\"\x11\n\x0f\x44\x65scribeRequest\"\xb5\x01\n\x0b\x44\x65scription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\ndirections\x18\x02 \x03(\x0e\x32\x15.element.v1.Direction\x12\x12\n\nwants_open\x18\x03 \x01(\x08\x12\x1e\n\x04mode\x18\x04 \x01(\x0e\x32\x10.element.v1.Mode\x12\x1b\n\x13request_bytes_limit\x18\x05 \x01(\x04\x12\x1c\n\x14response_bytes_limit\x18\x06 \x01(\x04\"\x92\x01\n\x0eProcessRequest\x12#\n\x04open\x18\x01 \x01(\x0b\x32\x15.element.v1.OpenEvent\x12#\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x15.element.v1.DataEvent\x12\x0c\n\x04text\x18\x03 \x01(\t\x12(\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x18.element.v1.ProcessChunk\"\xe9\x01\n\x0cProcessChunk\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12(\n\tdirection\x18\x03 \x01(\x0e\x32\x15.element.v1.Direction\x12\x15\n\rend_of_stream\x18\x04 \x01(\x08\x12\x38\n\x08metadata\x18\x05 \x03(\x0b\x32&.element.v1.ProcessChunk.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\r\n\x0b\x62ytes_given\"\x9b\x01\n\x0fProcessResponse\x12)\n\x0copen_verdict\x18\x01 \x01(\x0b\x32\x13.element.v1.Verdict\x12$\n\x07verdict\x18\x02 \x01(\x0b\x32\x13.element.v1.Verdict\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x19.element.v1.ProcessResult\"Q\n\rProcessResult\x12$\n\x07verdict\x18\x01 \x01(\x0b\x32\x13.element.v1.Verdict\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04text\x18\x03 \x01(\t*U\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44IRECTION_REQUEST\x10\x01\x12\x16\n\x12\x44IRECTION_RESPONSE\x10\x02*w\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_PASS\x10\x01\x12\x0f\n\x0b\x41\x43TION_DROP\x10\x02\x12\x10\n\x0c\x41\x43TION_CLOSE\x10\x03\x12\x10\n\x0c\x41\x43TION_RESET\x10\x04\x12\x0f\n\x0b\x41\x43TION_HOLD\x10\x05*?\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMODE_INLINE\x10\x01\x12\x10\n\x0cMODE_OBSERVE\x10\x02*\xcb\x02\n\x0b\x43loseReason\x12\x1c\n\x18\x43LOSE_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43LOSE_REASON_COMPLETED\x10\x01\x12\"\n\x1e\x43LOSE_REASON_CLOSED_BY_ELEMENT\x10\x02\x12!\n\x1d\x43LOSE_REASON_RESET_BY_ELEMENT\x10\x03\x12\x1b\n\x17\x43LOSE_REASON_PEER_RESET\x10\x04\x12%\n!CLOSE_REASON_UPSTREAM_UNREACHABLE\x10\x05\x12\x18\n\x14\x43LOSE_REASON_FAILURE\x10\x06\x12\x1d\n\x19\x43LOSE_REASON_IDLE_TIMEOUT\x10\x07\x12\x1d\n\x19\x43LOSE_REASON_MAX_DURATION\x10\x08\x12\x1f\n\x1b\x43LOSE_REASON_PROXY_STOPPING\x10\t2\xd7\x01\n\x07\x45lement\x12\x46\n\x07Session\x12\x1a.element.v1.SessionRequest\x1a\x1b.element.v1.SessionResponse(\x01\x30\x01\x12@\n\x08\x44\x65scribe\x12\x1b.element.v1.DescribeRequest\x1a\x17.element.v1.Description\x12\x42\n\x07Process\x12\x1a.element.v1.ProcessRequest\x1a\x1b.element.v1.ProcessResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,14 +39,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERDICT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_PROCESSCHUNK_METADATAENTRY']._loaded_options = None
   _globals['_PROCESSCHUNK_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_DIRECTION']._serialized_start=2058
-  _globals['_DIRECTION']._serialized_end=2143
-  _globals['_ACTION']._serialized_start=2145
-  _globals['_ACTION']._serialized_end=2247
-  _globals['_MODE']._serialized_start=2249
-  _globals['_MODE']._serialized_end=2312
-  _globals['_CLOSEREASON']._serialized_start=2315
-  _globals['_CLOSEREASON']._serialized_end=2646
+  _globals['_DIRECTION']._serialized_start=2102
+  _globals['_DIRECTION']._serialized_end=2187
+  _globals['_ACTION']._serialized_start=2189
+  _globals['_ACTION']._serialized_end=2308
+  _globals['_MODE']._serialized_start=2310
+  _globals['_MODE']._serialized_end=2373
+  _globals['_CLOSEREASON']._serialized_start=2376
+  _globals['_CLOSEREASON']._serialized_end=2707
   _globals['_ADDRESS']._serialized_start=29
   _globals['_ADDRESS']._serialized_end=64
   _globals['_OPENEVENT']._serialized_start=67
@@ -64,25 +64,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONREQUEST']._serialized_start=899
   _globals['_SESSIONREQUEST']._serialized_end=950
   _globals['_VERDICT']._serialized_start=953
-  _globals['_VERDICT']._serialized_end=1169
+  _globals['_VERDICT']._serialized_end=1213
   _globals['_VERDICT_METADATAENTRY']._serialized_start=349
   _globals['_VERDICT_METADATAENTRY']._serialized_end=396
-  _globals['_SESSIONRESPONSE']._serialized_start=1171
-  _globals['_SESSIONRESPONSE']._serialized_end=1227
-  _globals['_DESCRIBEREQUEST']._serialized_start=1229
-  _globals['_DESCRIBEREQUEST']._serialized_end=1246
-  _globals['_DESCRIPTION']._serialized_start=1249
-  _globals['_DESCRIPTION']._serialized_end=1430
-  _globals['_PROCESSREQUEST']._serialized_start=1433
-  _globals['_PROCESSREQUEST']._serialized_end=1579
-  _globals['_PROCESSCHUNK']._serialized_start=1582
-  _globals['_PROCESSCHUNK']._serialized_end=1815
+  _globals['_SESSIONRESPONSE']._serialized_start=1215
+  _globals['_SESSIONRESPONSE']._serialized_end=1271
+  _globals['_DESCRIBEREQUEST']._serialized_start=1273
+  _globals['_DESCRIBEREQUEST']._serialized_end=1290
+  _globals['_DESCRIPTION']._serialized_start=1293
+  _globals['_DESCRIPTION']._serialized_end=1474
+  _globals['_PROCESSREQUEST']._serialized_start=1477
+  _globals['_PROCESSREQUEST']._serialized_end=1623
+  _globals['_PROCESSCHUNK']._serialized_start=1626
+  _globals['_PROCESSCHUNK']._serialized_end=1859
   _globals['_PROCESSCHUNK_METADATAENTRY']._serialized_start=349
   _globals['_PROCESSCHUNK_METADATAENTRY']._serialized_end=396
-  _globals['_PROCESSRESPONSE']._serialized_start=1818
-  _globals['_PROCESSRESPONSE']._serialized_end=1973
-  _globals['_PROCESSRESULT']._serialized_start=1975
-  _globals['_PROCESSRESULT']._serialized_end=2056
-  _globals['_ELEMENT']._serialized_start=2649
-  _globals['_ELEMENT']._serialized_end=2864
+  _globals['_PROCESSRESPONSE']._serialized_start=1862
+  _globals['_PROCESSRESPONSE']._serialized_end=2017
+  _globals['_PROCESSRESULT']._serialized_start=2019
+  _globals['_PROCESSRESULT']._serialized_end=2100
+  _globals['_ELEMENT']._serialized_start=2710
+  _globals['_ELEMENT']._serialized_end=2925
 # @@protoc_insertion_point(module_scope)

@@ -20,6 +20,7 @@ class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACTION_DROP: _ClassVar[Action]
     ACTION_CLOSE: _ClassVar[Action]
     ACTION_RESET: _ClassVar[Action]
+    ACTION_HOLD: _ClassVar[Action]
 
 class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -47,6 +48,7 @@ ACTION_PASS: Action
 ACTION_DROP: Action
 ACTION_CLOSE: Action
 ACTION_RESET: Action
+ACTION_HOLD: Action
 MODE_UNSPECIFIED: Mode
 MODE_INLINE: Mode
 MODE_OBSERVE: Mode
@@ -148,7 +150,7 @@ class SessionRequest(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("connection_id", "sequence", "action", "data", "metadata")
+    __slots__ = ("connection_id", "sequence", "action", "data", "metadata", "reply", "done")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -161,12 +163,16 @@ class Verdict(_message.Message):
     ACTION_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
     connection_id: str
     sequence: int
     action: Action
     data: bytes
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, connection_id: _Optional[str] = ..., sequence: _Optional[int] = ..., action: _Optional[_Union[Action, str]] = ..., data: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    reply: bytes
+    done: bool
+    def __init__(self, connection_id: _Optional[str] = ..., sequence: _Optional[int] = ..., action: _Optional[_Union[Action, str]] = ..., data: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., reply: _Optional[bytes] = ..., done: _Optional[bool] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
     __slots__ = ("verdicts",)

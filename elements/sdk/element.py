@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import enum
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Self, cast
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, Self, TypeVar, cast
 
 from elements.api import element_pb2 as pb
 
@@ -36,6 +36,7 @@ class Action(enum.IntEnum):
     DROP = pb.ACTION_DROP
     CLOSE = pb.ACTION_CLOSE
     RESET = pb.ACTION_RESET
+    HOLD = pb.ACTION_HOLD
 
 
 class CloseReason(enum.IntEnum):
@@ -104,26 +105,34 @@ class Chunk:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """A hook's answer. Build it with Pass(), Drop(), Close() or Reset()."""
+    """A hook's answer. Build it with Pass(), Drop(), Close(), Reset() or Hold().
+
+    `reply`: bytes written back to the chunk's sender (proto Verdict.reply); `done`: no more
+    chunks of this direction of this connection for this element (proto Verdict.done)."""
 
     action: Action
     data: bytes | None = None
     metadata: Mapping[str, str] | None = None
+    reply: bytes | None = None
+    done: bool = False
 
 
-def Pass(data: bytes | None = None, metadata: Mapping[str, str] | None = None) -> Verdict:  # noqa: N802
+def Pass(data: bytes | None = None, metadata: Mapping[str, str] | None = None, *,  # noqa: N802
+         reply: bytes | None = None, done: bool = False) -> Verdict:
     """Forward the chunk, or `data` in its place when given (may be empty, shorter, longer)."""
-    return Verdict(Action.PASS, data, metadata)
+    return Verdict(Action.PASS, data, metadata, reply, done)
 
 
-def Drop(metadata: Mapping[str, str] | None = None) -> Verdict:  # noqa: N802
+def Drop(metadata: Mapping[str, str] | None = None, *, reply: bytes | None = None,  # noqa: N802
+         done: bool = False) -> Verdict:
     """Discard this chunk only; the connection stays up."""
-    return Verdict(Action.DROP, None, metadata)
+    return Verdict(Action.DROP, None, metadata, reply, done)
 
 
-def Close(metadata: Mapping[str, str] | None = None) -> Verdict:  # noqa: N802
-    """End the connection gracefully: FIN both ways after what was read before this chunk."""
-    return Verdict(Action.CLOSE, None, metadata)
+def Close(metadata: Mapping[str, str] | None = None, *, reply: bytes | None = None) -> Verdict:  # noqa: N802
+    """End the connection gracefully: FIN both ways after what was read before this chunk (and
+    `reply` to its sender before the FIN)."""
+    return Verdict(Action.CLOSE, None, metadata, reply)
 
 
 def Reset(metadata: Mapping[str, str] | None = None) -> Verdict:  # noqa: N802
@@ -131,7 +140,68 @@ def Reset(metadata: Mapping[str, str] | None = None) -> Verdict:  # noqa: N802
     return Verdict(Action.RESET, None, metadata)
 
 
+def Hold(metadata: Mapping[str, str] | None = None, *, reply: bytes | None = None) -> Verdict:  # noqa: N802
+    """Not yet: the proxy keeps this chunk; the verdict on a later chunk of this direction decides
+    it with that one (Pass(data) then replaces all of them). Not on an end-of-stream chunk."""
+    return Verdict(Action.HOLD, None, metadata, reply)
+
+
 HookResult = Verdict | None | Awaitable[Verdict | None]
+
+
+# ---- framing: messages instead of chunks (elements/sdk/framing.py does the work) ----------------
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Event(enum.Enum):
+    """What a framer found at the position it stopped at."""
+
+    HEAD = "head"      # the current message's head ends here: judge it, the rest streams through
+    END = "end"        # the current message ends here (judge it whole, unless its head was judged)
+    BROKEN = "broken"  # the bytes do not follow the protocol: framing this direction stops
+
+
+class Framer(Protocol[T_co]):
+    """A protocol's framing of one direction: a pure state machine fed that direction's bytes in order.
+
+    `step(data, start)` reads from data[start:] and returns (stop, event): with no event, it
+    consumed everything (stop == len(data)) and needs more; else `event` happened at `stop`.
+    `found` is what it knows of the message the last HEAD or END was about (a command and
+    its arguments, say), `problem` why the stream is BROKEN. A framer keeps what it needs
+    of the bytes itself and must end a head within a bound of its own, so that a message
+    held at the proxy until its head is complete stays small."""
+
+    def step(self, data: bytes, start: int) -> tuple[int, Event | None]: ...
+
+    @property
+    def found(self) -> T_co: ...
+
+    @property
+    def problem(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Message(Generic[T]):
+    """A message for `on_message`: its bytes (all of them when `whole`, else its head, and the rest
+    streams through under the same verdict) and what the framer found in them."""
+
+    direction: Direction
+    data: bytes
+    whole: bool
+    info: T
+
+
+@dataclass(frozen=True, slots=True)
+class FramingError:
+    """For `on_framing_error`: the direction's bytes stopped following the protocol at this chunk,
+    or (`resumed`) the connection was under way before this session began, so where its
+    messages start is unknown."""
+
+    direction: Direction
+    problem: str
+    resumed: bool = False
 
 
 class Element:
@@ -139,6 +209,8 @@ class Element:
 
     Each hook may be a plain function or `async def`. A hook returning None passes.
     Instances may override the class attributes in `__init__` (say, from options).
+    A direction named in `framing` (with what makes its framer, one per connection) goes to
+    `on_message` instead of `on_data`: see elements/sdk/framing.py.
     """
 
     name: str = ""
@@ -147,6 +219,7 @@ class Element:
     directions: tuple[Direction, ...] = (Direction.REQUEST, Direction.RESPONSE)
     request_bytes_limit: int = 0
     response_bytes_limit: int = 0
+    framing: ClassVar[Mapping[Direction, Callable[[], Framer[Any]]]] = {}
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -167,6 +240,17 @@ class Element:
         """Judges one chunk; chunks of one connection arrive in order."""
         return None
 
+    def on_message(self, conn: Connection, message: Message[Any]) -> HookResult:
+        """Judges one message of a framed direction, whole or by its head (`message.whole`): Pass(),
+        Pass(data) to rewrite it, Drop() to remove it, Close() or Reset() to end the connection
+        at the chunk it is in (what came before it in that chunk is not written)."""
+        return None
+
+    def on_framing_error(self, conn: Connection, error: FramingError) -> HookResult:
+        """A framed direction stopped following its protocol. Pass() lets the rest of the direction
+        through unframed, Drop() removes it; by default the connection is reset."""
+        return Reset()
+
     def on_close(self, conn: Connection, reason: CloseReason, request_bytes: int,
                  response_bytes: int) -> None | Awaitable[None]:
         """The connection ended; its Connection is forgotten right after."""
@@ -178,6 +262,9 @@ class Element:
         if not set(directions) <= set(DIRECTION_OF):
             raise ValueError(f"{type(self).__name__}.directions={self.directions!r}: allowed are "
                              f"Direction.REQUEST and Direction.RESPONSE")
+        if not set(self.framing) <= set(self.directions):
+            raise ValueError(f"{type(self).__name__}.framing frames {sorted(d.name for d in self.framing)}, "
+                             f"not all in directions={self.directions!r}: a framed direction must be received")
         # the generated stubs type enum fields as their own classes; on the wire they are ints
         return pb.Description(
             name=self.name or type(self).__name__.lower(), directions=cast("list[pb.Direction]", directions),

@@ -8,8 +8,9 @@ from proxy.chain.flow import Flow, FlowState, Resumed
 from proxy.chain.lane import Lane, LaneState
 from proxy.chain.pending import Pending
 from proxy.chain.types import (
-    Action, ChainPlan, Direction, ElementPort, LaneLimits, Outcome, Payload, Peer, SocketSide, Stage, VerdictTarget,
+    Action, ChainPlan, Direction, ElementPort, HoldingTarget, LaneLimits, Outcome, Payload, Peer, SocketSide, Stage,
+    VerdictTarget,
 )
 
-__all__ = ["Action", "ChainPlan", "Direction", "ElementPort", "Flow", "FlowState", "Lane", "LaneLimits", "LaneState",
-           "Outcome", "Payload", "Peer", "Pending", "Resumed", "SocketSide", "Stage", "VerdictTarget"]
+__all__ = ["Action", "ChainPlan", "Direction", "ElementPort", "Flow", "FlowState", "HoldingTarget", "Lane", "LaneLimits",
+           "LaneState", "Outcome", "Payload", "Peer", "Pending", "Resumed", "SocketSide", "Stage", "VerdictTarget"]

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from proxy.chain.lane import DONE, ENDED, Lane
 from proxy.chain.types import Action, ChainPlan, Direction, ElementPort, FlowView, LaneLimits, Outcome, Peer, SocketSide
-from proxy.chain.verdicts import rule
+from proxy.chain.verdicts import Effect, rule
 
 
 class FlowState(enum.Enum):
@@ -85,30 +85,55 @@ class Flow:
         self.sockets.dial()
 
     def on_verdict(self, pos: int, seq: int, action: int, data: bytes | None,
-                   metadata: Mapping[str, str] | None) -> None:
-        """A verdict on the Open event sent to the stage at `pos` of the Open phase."""
+                   metadata: Mapping[str, str] | None, reply: bytes | None = None, done: bool = False) -> None:
+        """A verdict on the Open event sent to the stage at `pos` of the Open phase; its reply goes to
+        the client before anything else (with CLOSE, before the FIN)."""
         if self.state is not FlowState.OPENING or pos != self.open_waiting:
             return
         found = rule(action)
+        element = self.plan.open[pos].element
+        if reply and found.on_chunk is not Effect.END:
+            self.reply(Direction.REQUEST, reply)
         if found.open_continues:
             if metadata:
                 self.open_metadata = {**self.open_metadata, **metadata}
+            if done:
+                self._bypass(element)
             self._open_from(pos + 1)
             return
         assert found.outcome is not None
-        self.end(found.outcome, f"element {self.plan.name(self.plan.open[pos].element)} {found.said(' on open')}")
+        self.end(found.outcome, f"element {self.plan.name(element)} {found.said(' on open')}")
 
-    def on_resumed_verdict(self, element: int, action: int) -> None:
+    def on_resumed_verdict(self, element: int, action: int, done: bool = False) -> None:
         """A verdict on the resumed Open a new session of `element` was sent: CLOSE and RESET end
-        the connection as they would mid-stream (nothing of it is waiting on that verdict)."""
+        the connection as they would mid-stream (nothing of it is waiting on that verdict). A reply
+        is ignored: the connection is mid-stream, where bytes of the element's would corrupt it."""
         found = rule(action)
-        if self.state is FlowState.ENDED or found.open_continues:
+        if self.state is FlowState.ENDED:
+            return
+        if found.open_continues:
+            if done:
+                self._bypass(element)
             return
         if found.outcome is Outcome.CLOSED_BY_ELEMENT:
             self._close(None, None, element, found.said(" on resume"))
             return
         assert found.outcome is not None
         self.end(found.outcome, f"element {self.plan.name(element)} {found.said(' on resume')}")
+
+    def _bypass(self, element: int) -> None:
+        """`done` on an Open verdict: the element wants no Data event of this connection."""
+        for lane in (self.request, self.response):
+            for pos, stage in enumerate(lane.stages):
+                if stage.element == element:
+                    lane.exhaust(pos)
+
+    def reply(self, direction: Direction, data: bytes) -> None:
+        """A verdict's reply to the sender of a chunk of `direction`, written at once by the lane
+        that writes to that side, unless that side got its EOF already."""
+        back = self.response if direction == Direction.REQUEST else self.request
+        if back.state is not DONE and back.state is not ENDED:
+            back.emit(data)
 
     def close_by_element(self, lane: Lane, seq: int, element: int) -> None:
         """ACTION_CLOSE: drop from `seq` on in `lane`, drain both lanes, then FIN both ways."""
@@ -153,5 +178,5 @@ class Resumed:
         self.flow = flow
 
     def on_verdict(self, pos: int, seq: int, action: int, data: bytes | None,
-                   metadata: Mapping[str, str] | None) -> None:
-        self.flow.on_resumed_verdict(pos, action)
+                   metadata: Mapping[str, str] | None, reply: bytes | None = None, done: bool = False) -> None:
+        self.flow.on_resumed_verdict(pos, action, done)

@@ -5,6 +5,11 @@ row of `TRANSITIONS`, and every verdict is applied by looking its action up in
 verdicts.py. Ordering needs no reorder buffer: each inline stage keeps the chunks it
 holds in a FIFO and releases them strictly in send order, so chunks leave the last
 stage in the order they were read, whatever order verdicts arrive in.
+
+A chunk an element answered HOLD leaves its stage's FIFO for that stage's `held` list: it
+no longer takes a window slot (the element waits for more bytes, which the window must
+let through) but its bytes still count against high_water. The element's next verdict
+there decides the held chunks together with its own chunk, which carries them on.
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ TRANSITIONS: dict[LaneState, frozenset[LaneState]] = {
     ENDED: frozenset(),
 }
 
-Verdict = tuple[int, bytes | None, Mapping[str, str] | None]
-_PASS_UNCHANGED: Verdict = (Action.PASS, None, None)
+# action, replacement bytes, metadata, reply, done (the proto Verdict's fields, as the lane needs them)
+Verdict = tuple[int, bytes | None, Mapping[str, str] | None, bytes | None, bool]
+_PASS_UNCHANGED: Verdict = (Action.PASS, None, None, None, False)
 
 
 class LaneOwner(Protocol):
@@ -61,28 +67,31 @@ class LaneOwner(Protocol):
 
     def close_by_element(self, lane: Lane, seq: int, element: int) -> None: ...
 
+    def reply(self, direction: Direction, data: bytes) -> None: ...
+
     def end(self, outcome: Outcome, detail: str) -> None: ...
 
     def lane_done(self) -> None: ...
 
 
 class _Chunk:
-    __slots__ = ("seq", "data", "eos", "size", "metadata", "verdict")
+    __slots__ = ("seq", "data", "eos", "size", "metadata", "verdict", "held")
 
     def __init__(self, seq: int, data: Payload, eos: bool) -> None:
         self.seq = seq
         self.data = data
         self.eos = eos
-        self.size = len(data)
+        self.size = len(data)  # bytes read that this chunk accounts for: its own, plus those it carries on
         self.metadata: dict[str, str] | None = None
         self.verdict: Verdict | None = None
+        self.held: list[_Chunk] | None = None  # the chunks its verdict decides with it (HOLD)
 
 
 class Lane:
     """One direction: `feed` and `feed_eof` from its source, `on_verdict` from its stages' elements."""
 
-    __slots__ = ("flow", "direction", "stages", "limits", "ports", "sockets", "emit", "fifos", "seen", "pending",
-                 "in_flight", "in_flight_bytes", "state", "reading", "passthrough", "pumping")
+    __slots__ = ("flow", "direction", "stages", "limits", "ports", "sockets", "emit", "fifos", "seen", "exhausted",
+                 "held", "pending", "in_flight", "in_flight_bytes", "state", "reading", "passthrough", "pumping")
 
     def __init__(self, flow: LaneOwner, direction: Direction, stages: tuple[Stage, ...], limits: LaneLimits) -> None:
         self.flow = flow
@@ -94,6 +103,8 @@ class Lane:
         self.emit = flow.sockets.writer(direction)
         self.fifos: list[deque[_Chunk]] = [deque() for _ in stages]
         self.seen = [0] * len(stages)
+        self.exhausted = [False] * len(stages)  # bypassed: its byte limit is reached, or its element said done
+        self.held: dict[int, list[_Chunk]] = {}  # stage position -> chunks its element holds (HOLD), in order
         self.pending = Pending()
         self.in_flight = 0
         self.in_flight_bytes = 0
@@ -148,11 +159,29 @@ class Lane:
                         self._forget(chunk)
                 fifo.clear()
                 fifo.extend(kept)
+            self._drop_held(drop_from_seq)
         self._set_reading(False)
         self._pump()
 
+    def exhaust(self, pos: int) -> None:
+        """The element at `pos` wants no more of this lane (`done`): later chunks bypass it."""
+        self.exhausted[pos] = True
+        self._check_passthrough()
+
+    def holder_lost(self, pos: int, action: int) -> None:
+        """The element at `pos` can no longer decide the chunks it holds (its session ended):
+        `action`, its failure policy, decides them, as if it answered the last of them so."""
+        chunks = self.held.get(pos)
+        if not chunks or self.state is ENDED:
+            return
+        last = chunks.pop()
+        if not chunks:
+            del self.held[pos]
+        self.in_flight += 1  # on its way again: it takes a window slot
+        self._apply(last, pos, (action, None, None, None, False))
+
     def on_verdict(self, pos: int, seq: int, action: int, data: bytes | None,
-                   metadata: Mapping[str, str] | None) -> None:
+                   metadata: Mapping[str, str] | None, reply: bytes | None = None, done: bool = False) -> None:
         """A verdict from the element at stage `pos`; released strictly in send order."""
         if self.state is ENDED:
             return
@@ -162,9 +191,9 @@ class Lane:
         if fifo[0].seq != seq:
             for chunk in fifo:
                 if chunk.seq == seq:
-                    chunk.verdict = (action, data, metadata)
+                    chunk.verdict = (action, data, metadata, reply, done)
             return
-        fifo[0].verdict = (action, data, metadata)
+        fifo[0].verdict = (action, data, metadata, reply, done)
         while fifo and fifo[0].verdict is not None and self.state is not ENDED:
             chunk = fifo.popleft()
             verdict = chunk.verdict
@@ -172,13 +201,42 @@ class Lane:
             self._apply(chunk, pos, verdict)
 
     def _apply(self, chunk: _Chunk, pos: int, verdict: Verdict | None) -> None:
-        """Does what the verdict's action says (verdicts.RULES) to `chunk`, held at stage `pos`."""
+        """Does what the verdict's action says (verdicts.RULES) to `chunk`, waiting at stage `pos`, and
+        to the chunks that stage holds: first its reply goes back to the sender, then the effect."""
         assert verdict is not None
         found = RULES.get(verdict[0]) or rule(verdict[0])
-        _EFFECTS[found.on_chunk](self, chunk, pos, verdict, found)
+        effect = found.on_chunk
+        if (verdict[3] or verdict[4] or self.held) and not self._besides(chunk, pos, verdict, effect):
+            return
+        _EFFECTS[effect](self, chunk, pos, verdict, found)
+
+    def _besides(self, chunk: _Chunk, pos: int, verdict: Verdict, effect: Effect) -> bool:
+        """What a verdict does besides its effect, in this order: its reply goes back, the chunks
+        the stage holds join `chunk` (unless it is held too), `done` bypasses the stage. False when
+        writing the reply ended the connection."""
+        if verdict[3] and effect is not Effect.END:
+            self.flow.reply(self.direction, verdict[3])
+            if self.state is ENDED:
+                return False
+        if effect is not Effect.HOLD and pos in self.held:
+            chunk.held = self.held.pop(pos)
+            chunk.size += sum(earlier.size for earlier in chunk.held)
+            self._check_passthrough()
+        if verdict[4] and (effect is Effect.FORWARD or effect is Effect.DISCARD):
+            self.exhaust(pos)
+        return True
 
     def _forward(self, chunk: _Chunk, pos: int, verdict: Verdict, found: Rule) -> None:
-        _, data, metadata = verdict
+        data, metadata = verdict[1], verdict[2]
+        held = chunk.held
+        if held is not None:
+            chunk.held = None
+            if data is None:
+                data = b"".join([*(earlier.data for earlier in held), chunk.data])
+            merged: dict[str, str] = {}
+            for earlier in (*held, chunk):
+                merged.update(earlier.metadata or ())
+            chunk.metadata = merged or None
         if data is not None:
             chunk.data = data
         if metadata:
@@ -186,6 +244,7 @@ class Lane:
         self._advance(chunk, pos + 1)
 
     def _discard(self, chunk: _Chunk, pos: int, verdict: Verdict, found: Rule) -> None:
+        chunk.held = None  # gone with it: its size accounts for them
         if chunk.eos:  # a half-close cannot be swallowed, or the peer would hang
             chunk.data = b""
             self._advance(chunk, pos + 1)
@@ -194,8 +253,32 @@ class Lane:
             self._pump()
 
     def _close(self, chunk: _Chunk, pos: int, verdict: Verdict, found: Rule) -> None:
+        first = chunk.held[0].seq if chunk.held else chunk.seq
+        chunk.held = None
         self._forget(chunk)
-        self.flow.close_by_element(self, chunk.seq, self.stages[pos].element)
+        self.flow.close_by_element(self, first, self.stages[pos].element)
+
+    def _hold(self, chunk: _Chunk, pos: int, verdict: Verdict, found: Rule) -> None:
+        if chunk.eos:  # nothing could follow to decide it
+            self._end(chunk, pos, verdict, found)
+            return
+        metadata = verdict[2]
+        if metadata:
+            chunk.metadata = {**chunk.metadata, **metadata} if chunk.metadata else dict(metadata)
+        self.held.setdefault(pos, []).append(chunk)
+        self.in_flight -= 1
+        self.passthrough = False
+        self._pump()
+
+    def _drop_held(self, from_seq: int) -> None:
+        """Discards held chunks read at or after `from_seq` (from 0: all of them)."""
+        for pos, chunks in list(self.held.items()):
+            kept = [chunk for chunk in chunks if chunk.seq < from_seq]
+            self.in_flight_bytes -= sum(chunk.size for chunk in chunks if chunk.seq >= from_seq)
+            if kept:
+                self.held[pos] = kept
+            else:
+                del self.held[pos]
 
     def _end(self, chunk: _Chunk, pos: int, verdict: Verdict, found: Rule) -> None:
         assert found.outcome is not None
@@ -214,11 +297,14 @@ class Lane:
         stages = self.stages
         while pos < len(stages):
             stage = stages[pos]
-            if stage.byte_limit and self.seen[pos] >= stage.byte_limit:
+            if self.exhausted[pos]:
                 if stage.inline and self.fifos[pos]:
                     # bypassed, but behind chunks still waiting here: it leaves after them
                     chunk.verdict = _PASS_UNCHANGED
                     self.fifos[pos].append(chunk)
+                    return
+                if self.held and pos in self.held:  # it takes what the bypassed element holds along
+                    self._apply(chunk, pos, _PASS_UNCHANGED)
                     return
             elif self._send(stage, pos, chunk) or self.state is ENDED:
                 return
@@ -229,7 +315,7 @@ class Lane:
         """Sends the chunk to the stage's element; True when the stage holds it for the verdict."""
         self.seen[pos] += len(chunk.data)
         if stage.byte_limit and self.seen[pos] >= stage.byte_limit:
-            self._check_passthrough()
+            self.exhaust(pos)
         flow = self.flow
         element = stage.element
         if element not in flow.touched:
@@ -253,8 +339,7 @@ class Lane:
         self._pump()
 
     def _check_passthrough(self) -> None:
-        self.passthrough = all(stage.byte_limit and seen >= stage.byte_limit
-                               for stage, seen in zip(self.stages, self.seen))
+        self.passthrough = not self.held and all(self.exhausted)
 
     def _forget(self, chunk: _Chunk) -> None:
         self.in_flight -= 1
@@ -269,6 +354,7 @@ class Lane:
         state = self.state
         if state is DRAINING:
             if not self.pending.size and self.in_flight == 0:
+                self._drop_held(0)  # nothing is left to decide them: bytes no element approved are not written
                 self._write_eof()
         elif state is READING:
             self._backpressure()
@@ -292,13 +378,17 @@ class Lane:
             self.pumping = False
 
     def _backpressure(self) -> None:
-        """Pauses the source at high_water bytes read but not yet written, resumes below half of it."""
+        """Pauses the source at high_water bytes read but not yet written, resumes below half of it.
+
+        Held bytes count, but a lane whose only buffered bytes are held keeps reading: the
+        elements holding them wait for the bytes that would decide them (the sessions bound
+        what each may hold by its max_held_bytes)."""
         buffered = self.pending.size + self.in_flight_bytes
         high_water = self.limits.high_water
-        if buffered >= high_water:
+        if buffered >= high_water and self.in_flight:
             if self.reading:
                 self._set_reading(False)
-        elif not self.reading and 2 * buffered < high_water:
+        elif not self.reading and (2 * buffered < high_water or not self.in_flight):
             self._set_reading(True)
 
     def _set_reading(self, reading: bool) -> None:
@@ -316,5 +406,5 @@ class Lane:
 
 # How a lane carries out each effect of verdicts.RULES: one entry per Effect, checked at import.
 _EFFECTS = {Effect.FORWARD: Lane._forward, Effect.DISCARD: Lane._discard, Effect.CLOSE: Lane._close,
-            Effect.END: Lane._end}
+            Effect.END: Lane._end, Effect.HOLD: Lane._hold}
 assert set(_EFFECTS) == set(Effect), "every Effect needs its handler in the lane"

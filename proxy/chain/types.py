@@ -31,6 +31,7 @@ class Action(enum.IntEnum):
     DROP = 2
     CLOSE = 3
     RESET = 4
+    HOLD = 5
     FAIL = 100
 
 
@@ -89,10 +90,18 @@ class LaneLimits:
 
 
 class VerdictTarget(Protocol):
-    """Whoever waits for a verdict: `pos` and `seq` say which event it answers."""
+    """Whoever waits for a verdict: `pos` and `seq` say which event it answers; `reply` goes back to
+    the event's sender, `done` bypasses the element from then on (proto Verdict)."""
 
     def on_verdict(self, pos: int, seq: int, action: int, data: bytes | None,
-                   metadata: Mapping[str, str] | None) -> None: ...
+                   metadata: Mapping[str, str] | None, reply: bytes | None = None, done: bool = False) -> None: ...
+
+
+class HoldingTarget(VerdictTarget, Protocol):
+    """A lane, as the session of an element that holds its chunks sees it."""
+
+    def holder_lost(self, pos: int, action: int) -> None:
+        """The element at `pos` can no longer decide what it holds: `action` (its failure policy) does."""
 
 
 class FlowView(Protocol):
@@ -101,7 +110,7 @@ class FlowView(Protocol):
     touched: set[int]
     open_metadata: dict[str, str]
 
-    def on_resumed_verdict(self, element: int, action: int) -> None: ...
+    def on_resumed_verdict(self, element: int, action: int, done: bool = False) -> None: ...
 
 
 class Peer(Protocol):
@@ -130,7 +139,7 @@ class ElementPort(Protocol):
                   pos: int) -> None: ...
 
     def send_data(self, connection_id: str, seq: int, direction: Direction, data: Payload, end_of_stream: bool,
-                  metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None: ...
+                  metadata: Mapping[str, str] | None, target: HoldingTarget | None, pos: int) -> None: ...
 
     def send_close(self, connection: Peer, outcome: Outcome) -> None: ...
 

@@ -21,6 +21,7 @@ class Effect(enum.Enum):
     DISCARD = "discard"   # this chunk is gone; an end of stream still travels, emptied
     CLOSE = "close"       # graceful: nothing from this chunk on, the rest drains, FIN both ways
     END = "end"           # the connection ends now with `outcome` (RST both ways)
+    HOLD = "hold"         # kept at its stage until a later verdict of that element decides it with the next
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,10 @@ RULES: dict[int, Rule] = {
                        on_open="rejected it on open"),
     Action.RESET: Rule(Effect.END, open_continues=False, outcome=Outcome.RESET_BY_ELEMENT, says="reset it{at}"),
     Action.FAIL: Rule(Effect.END, open_continues=False, outcome=Outcome.FAILURE, says="failed{at} (fail-closed)"),
+    # Only a Data event that is not end of stream can be held; the sessions refuse HOLD anywhere else, so
+    # `outcome` is what a HOLD that slipped through does: nothing later could decide it.
+    Action.HOLD: Rule(Effect.HOLD, open_continues=False, outcome=Outcome.FAILURE,
+                      says="held an event nothing later could decide{at} (a bug: the sessions refuse it)"),
 }
 
 

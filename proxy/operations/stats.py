@@ -14,8 +14,9 @@ from typing import Any
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 FAILURE_CAUSES = ("timeout", "session_down", "breaker_open", "invalid_verdict", "invalid_describe", "proxy_stopping",
                   "backlog_full")
-# Why a verdict was not followed (validate.py, session.py): the first three had an event waiting.
-INVALID_CAUSES = ("bad_action", "replacement_too_big", "metadata_too_big", "unknown_connection", "unknown_sequence")
+# Why a verdict was not followed (validate.py, session.py): all but the last two had an event waiting.
+INVALID_CAUSES = ("bad_action", "replacement_too_big", "reply_too_big", "metadata_too_big", "bad_hold",
+                  "held_too_much", "unknown_connection", "unknown_sequence")
 
 
 class ElementStats:

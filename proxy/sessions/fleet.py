@@ -28,7 +28,7 @@ from typing import Any
 
 from elements.api import element_pb2 as pb
 from elements.logs import fields
-from proxy.chain import Direction, ElementPort, Outcome, Payload, Peer, VerdictTarget
+from proxy.chain import Direction, ElementPort, HoldingTarget, Outcome, Payload, Peer, VerdictTarget
 from proxy.config import ElementConfig, parse_host_port
 from proxy.operations import stats
 from proxy.sessions.assign import rendezvous
@@ -144,7 +144,7 @@ class Fleet:
         self._assigned[connection.id].send_open(connection, metadata, target, pos)
 
     def send_data(self, connection_id: str, seq: int, direction: Direction, data: Payload, end_of_stream: bool,
-                  metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None:
+                  metadata: Mapping[str, str] | None, target: HoldingTarget | None, pos: int) -> None:
         self._assigned[connection_id].send_data(connection_id, seq, direction, data, end_of_stream, metadata,
                                                 target, pos)
 

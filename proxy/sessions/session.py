@@ -12,7 +12,9 @@ What the element sends is checked (validate.py) and what it gets wrong stays wit
 connection it concerns. Because a new session may be a new element process, it is told
 about every live connection it must know of (a resumed Open) and about the connections
 that ended while it was away (their Close), before anything else. A connection moved here
-from a replica that was lost (fleet.py) is announced the same way.
+from a replica that was lost (fleet.py) is announced the same way. What the element held
+(HOLD) when its session ended is decided by its failure policy, since no new session could
+know those bytes.
 
 A session talks to one endpoint (endpoint.py): one replica of the element, plaintext or TLS;
 while it is up, drain.py watches whether that replica is draining.
@@ -21,17 +23,19 @@ while it is up, drain.py watches whether that replica is draining.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from typing import cast
 
 import grpc
 
 from elements.api import element_pb2 as pb
 from elements.api import element_pb2_grpc as pb_grpc
 from proxy.sessions.breaker import Breaker
-from proxy.chain import Action, Direction, Outcome, Payload, Peer, Resumed, VerdictTarget
+from proxy.chain import Action, Direction, HoldingTarget, Outcome, Payload, Peer, Resumed, VerdictTarget
 from proxy.chain.verdicts import WIRE_ACTIONS
 from proxy.config import ElementConfig
 from proxy.sessions.drain import DrainWatch
@@ -39,7 +43,7 @@ from proxy.sessions.endpoint import Endpoint
 from proxy.sessions.faultlog import FaultLog
 from elements.logs import fields
 from proxy.operations.stats import ElementStats
-from proxy.sessions.validate import VerdictLimits, description_problem, verdict_problem
+from proxy.sessions.validate import DATA, END_OF_STREAM, OPEN, VerdictLimits, description_problem, verdict_problem
 from proxy.sessions.wire import (
     EncodedEvent,
     close_event,
@@ -74,6 +78,8 @@ DESCRIBE_TIMEOUT = 2.0
 # An action missing here is one the proxy does not know.
 _VERDICT_KEYS = {(is_open, int(action)): f"{'open' if is_open else 'data'}/{action.name.lower()}"
                  for is_open in (True, False) for action in WIRE_ACTIONS}
+# The verdicts that need no look at their context: a HOLD does (what is held, whether it can be).
+_PLAIN_KEYS = {key: name for key, name in _VERDICT_KEYS.items() if key[1] != Action.HOLD}
 
 # What trips the breaker: failures that cost a wait or show a broken element. A session
 # that is down already fails every event at once, so tripping on it would save nothing.
@@ -82,7 +88,11 @@ _BREAKER_CAUSES = frozenset(("timeout", "invalid_verdict"))
 _UNANSWERED = {"session_down": "session down", "breaker_open": "circuit breaker open",
                "invalid_describe": "its Describe is invalid"}
 
-Waiter = tuple[VerdictTarget, int, int, float]  # target, its stage position, sequence, sent at (monotonic)
+# target, its stage position, sequence, sent at (monotonic), direction (0: Open), and the bytes a HOLD
+# of the event would add to what its lane holds here (-1: it cannot be held: an Open, an end of stream)
+Waiter = tuple[VerdictTarget, int, int, float, int, int]
+# what an element holds on one lane: the lane, the element's stage position there, the bytes
+Holding = tuple[HoldingTarget, int, int]
 
 
 class InvalidDescription(Exception):
@@ -106,7 +116,7 @@ class ElementSession:
         self.breaker = Breaker(config, self.name, on_describe, endpoint.channel)
         self.drain = DrainWatch(self._where, on_describe)
         self.faults = FaultLog(log, f"element {self.name}")
-        self._limits = limits
+        self._limits = dataclasses.replace(limits, held_bytes=config.max_held_bytes)
         self._max_replacement = limits.replacement_bytes
         self._on_describe = on_describe
         self._live: dict[str, Peer] = {}  # connections that sent this element an event, until their Close
@@ -115,6 +125,7 @@ class ElementSession:
         self._outbox_bytes = 0
         self._wakeup = asyncio.Event()
         self._pending: dict[tuple[str, int], Waiter] = {}
+        self._holding: dict[tuple[str, int], Holding] = {}  # (connection id, direction) -> what it holds
         self._deadlines: deque[tuple[float, tuple[str, int]]] = deque()
         self._timeout = config.timeout_ms / 1000
         self._task: asyncio.Task[None] | None = None
@@ -162,15 +173,18 @@ class ElementSession:
         self._send(message_event(pb.Event(open=event)), "open", connection.id, 0, target, pos)
 
     def send_data(self, connection_id: str, seq: int, direction: Direction, data: Payload, end_of_stream: bool,
-                  metadata: Mapping[str, str] | None, target: VerdictTarget | None, pos: int) -> None:
+                  metadata: Mapping[str, str] | None, target: HoldingTarget | None, pos: int) -> None:
         if target is None and self._outbox_bytes > OBSERVE_BACKLOG_BYTES:
             self.stats.failures["backlog_full"] += 1
             return
         self._send(data_event(connection_id, seq, direction, data, end_of_stream, metadata), "data",
-                   connection_id, seq, target, pos)
+                   connection_id, seq, target, pos, direction, -1 if end_of_stream else len(data))
 
     def send_close(self, connection: Peer, outcome: Outcome) -> None:
         self._live.pop(connection.id, None)
+        if self._holding:
+            for direction in (Direction.REQUEST, Direction.RESPONSE):
+                self._holding.pop((connection.id, direction), None)
         event = close_event(connection.id, outcome, connection.request_bytes, connection.response_bytes)
         if self.up:
             self.stats.events["close"] += 1
@@ -181,11 +195,12 @@ class ElementSession:
             self.stats.closes_lost += 1
 
     def _send(self, event: EncodedEvent, kind: str, connection_id: str, seq: int, target: VerdictTarget | None,
-              pos: int) -> None:
+              pos: int, direction: int = 0, holdable: int = -1) -> None:
         if not self.up or self.tripped:
             why = "breaker_open" if self.tripped else "invalid_describe" if self.problem else "session_down"
             if target is not None:
-                self._loop.call_soon(self._apply_policy, (target, pos, seq, 0.0), why)
+                self._loop.call_soon(self._apply_policy, connection_id, (target, pos, seq, 0.0, direction, holdable),
+                                     why)
             self.faults.warn(why, f"events answered by the failure policy ({_UNANSWERED[why]})",
                              "%s: %s event of connection %s answered by the failure policy (%s)",
                              _UNANSWERED[why], kind, connection_id,
@@ -195,7 +210,7 @@ class ElementSession:
         if target is not None:
             key = (connection_id, seq)
             now = time.monotonic()
-            self._pending[key] = (target, pos, seq, now)
+            self._pending[key] = (target, pos, seq, now, direction, holdable)
             self._deadlines.append((now + self._timeout, key))
         self._queue(event)
 
@@ -205,22 +220,37 @@ class ElementSession:
         if len(self._outbox) == 1:
             self._wakeup.set()
 
-    def _apply_policy(self, waiter: Waiter, why: str) -> None:
-        """Answers for an element that could not: PASS unchanged when fail-open, FAIL when fail-closed."""
+    def _apply_policy(self, connection_id: str, waiter: Waiter, why: str) -> None:
+        """Answers for an element that could not: PASS unchanged when fail-open, FAIL when fail-closed
+        (which decides what it holds on that lane too)."""
         self.stats.failures[why] += 1
         if why in _BREAKER_CAUSES:
             self.breaker.failed(time.monotonic())
-        target, pos, seq, _ = waiter
-        target.on_verdict(pos, seq, Action.PASS if self.config.fail_open else Action.FAIL, None, None)
+        target, pos, seq, _, direction, _ = waiter
+        if self._holding:
+            self._holding.pop((connection_id, direction), None)
+        target.on_verdict(pos, seq, self._policy_action, None, None)
+
+    @property
+    def _policy_action(self) -> Action:
+        return Action.PASS if self.config.fail_open else Action.FAIL
 
     def _fail_all(self, why: str) -> None:
+        """Every event awaiting a verdict, then everything the element holds, to the failure policy."""
         pending, self._pending = self._pending, {}
         self._deadlines.clear()
         if pending:
             log.warning("element %s: %d events unanswered (%s), failure policy %s applied",
                         self.name, len(pending), why, self.config.failure)
-        for waiter in pending.values():
-            self._apply_policy(waiter, why)
+        for (connection_id, _), waiter in pending.items():
+            self._apply_policy(connection_id, waiter, why)
+        holding, self._holding = self._holding, {}
+        if holding:
+            log.warning("element %s: held chunks of %d connection directions (%s), failure policy %s applied",
+                        self.name, len(holding), why, self.config.failure)
+        for lane, pos, _ in holding.values():
+            self.stats.failures[why] += 1
+            lane.holder_lost(pos, self._policy_action)
 
     async def _run(self) -> None:
         backoff = BACKOFF_FIRST
@@ -318,7 +348,7 @@ class ElementSession:
         self.stats.events["resumed"] += 1
         if description.wants_open and not self._observer:
             key = (connection.id, 0)
-            self._pending[key] = (Resumed(connection.flow), self.index, 0, now)
+            self._pending[key] = (Resumed(connection.flow), self.index, 0, now, 0, -1)
             self._deadlines.append((now + self._timeout, key))
         self._queue(message_event(pb.Event(open=connection.open_event(connection.flow.open_metadata, True))))
 
@@ -388,28 +418,50 @@ class ElementSession:
 
     def _take_verdicts(self, verdicts: Iterable[pb.Verdict]) -> None:
         """Hands each verdict to whoever waits for it, once it passed validate.py's checks (only a
-        verdict with metadata, replacement bytes near the limit or an odd action is looked at)."""
-        pending = self._pending
+        verdict with metadata, a reply, done, replacement bytes near the limit, an odd action, or
+        while some lane holds chunks here, is looked at)."""
+        pending, holding = self._pending, self._holding
         now = time.monotonic()
         for verdict in verdicts:
             waiter = pending.pop((verdict.connection_id, verdict.sequence), None)
             if waiter is None:
                 self._stray(verdict)
                 continue
-            target, pos, seq, sent_at = waiter
+            target, pos, seq, sent_at, _, _ = waiter
             action = verdict.action
-            key = _VERDICT_KEYS.get((seq == 0, action))
+            key = _PLAIN_KEYS.get((seq == 0, action))
             data = verdict.data if verdict.HasField("data") else None
             metadata = verdict.metadata
-            if key is None or metadata or data is not None and len(data) > self._max_replacement:
-                problem = verdict_problem(action, data, metadata, self._limits)
-                if problem is not None:
-                    self._invalid(waiter, verdict, *problem)
+            reply = verdict.reply or None
+            done = verdict.done
+            if key is None or metadata or reply or done or holding or \
+                    data is not None and len(data) > self._max_replacement:
+                key = self._checked(waiter, verdict, data, reply)
+                if key is None:
                     continue
-                assert key is not None
             self.breaker.succeeded(now)
             self.stats.verdict(key, now - sent_at)
-            target.on_verdict(pos, seq, action, data, dict(metadata) if metadata else None)
+            target.on_verdict(pos, seq, action, data, dict(metadata) if metadata else None, reply, done)
+
+    def _checked(self, waiter: Waiter, verdict: pb.Verdict, data: bytes | None, reply: bytes | None) -> str | None:
+        """The stats key of a verdict that passed validate.py, keeping count of what its lane holds
+        here; None (and the failure policy applied) when it did not pass."""
+        target, _, seq, _, direction, holdable = waiter
+        lane = (verdict.connection_id, direction)
+        held = self._holding.get(lane)
+        holds = verdict.action == Action.HOLD
+        total = (held[2] if held else 0) + (holdable if holds else 0)
+        answers = OPEN if seq == 0 else END_OF_STREAM if holdable < 0 else DATA
+        problem = verdict_problem(verdict.action, data, verdict.metadata, self._limits, reply, verdict.done, answers,
+                                  total)
+        if problem is not None:
+            self._invalid(waiter, verdict, *problem)
+            return None
+        if holds:  # only a Data event can be held, and a Data event's target is its lane
+            self._holding[lane] = (cast(HoldingTarget, target), waiter[1], total)
+        elif held:
+            del self._holding[lane]
+        return _VERDICT_KEYS[(seq == 0, verdict.action)]
 
     def _invalid(self, waiter: Waiter, verdict: pb.Verdict, cause: str, detail: str) -> None:
         """A verdict the proxy must not follow: the failure policy answers for that event alone."""
@@ -417,7 +469,7 @@ class ElementSession:
         self.faults.warn(cause, f"invalid verdicts ({cause})", "invalid verdict (%s) for connection %s sequence %d: "
                          "%s; failure policy %s applied to it", cause, verdict.connection_id, verdict.sequence,
                          detail, self.config.failure)
-        self._apply_policy(waiter, "invalid_verdict")
+        self._apply_policy(verdict.connection_id, waiter, "invalid_verdict")
 
     def _stray(self, verdict: pb.Verdict) -> None:
         """A verdict nobody waits for is ignored, counted and said; it harms no connection, so it
@@ -443,4 +495,4 @@ class ElementSession:
                     self.faults.warn("timeout", "timeouts", "no verdict for connection %s sequence %d within %d ms, "
                                      "failure policy %s applied", key[0], key[1], self.config.timeout_ms,
                                      self.config.failure)
-                    self._apply_policy(waiter, "timeout")
+                    self._apply_policy(key[0], waiter, "timeout")

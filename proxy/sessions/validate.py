@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from elements.api import element_pb2 as pb
+from proxy.chain import Action
 from proxy.chain.verdicts import WIRE_ACTIONS
 
 NAME_MAX = 64
@@ -47,26 +48,51 @@ def description_problem(description: pb.Description) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class VerdictLimits:
-    """What one verdict may carry (the proxy's max_replacement_bytes and max_metadata_* settings)."""
+    """What one verdict may carry (the proxy's max_replacement_bytes and max_metadata_* settings, which
+    bound reply bytes too) and what its element may hold per connection and direction (its max_held_bytes)."""
 
     replacement_bytes: int = 16 << 20
     metadata_entries: int = 64
     metadata_key_bytes: int = 256
     metadata_value_bytes: int = 4096
     metadata_bytes: int = 16384
+    held_bytes: int = 1 << 20
 
 
-def verdict_problem(action: int, data: bytes | None, metadata: Mapping[str, str],
-                    limits: VerdictLimits) -> tuple[str, str] | None:
-    """(cause, detail) when the verdict is invalid, else None. Cheap for the common verdict:
-    a known action, no replacement or a small one, no metadata."""
+# What a verdict answers, as far as checking it goes: a HOLD needs a later chunk to decide it.
+OPEN, DATA, END_OF_STREAM = "an Open event", "a Data event", "an end_of_stream Data event"
+
+
+def verdict_problem(action: int, data: bytes | None, metadata: Mapping[str, str], limits: VerdictLimits,
+                    reply: bytes | None = None, done: bool = False, answers: str = DATA,
+                    held: int = 0) -> tuple[str, str] | None:
+    """(cause, detail) when the verdict is invalid, else None. `held` is what its element would
+    hold on the lane after it (only a HOLD adds to it). Cheap for the common verdict: a known
+    action, no replacement or a small one, no reply, no metadata."""
     if action not in _ACTIONS:
         return "bad_action", f"action {action} is not {_ACTION_NAMES}"
+    if action == Action.HOLD:
+        problem = _hold_problem(done, answers, held, limits)
+        if problem is not None:
+            return problem
     if data is not None and len(data) > limits.replacement_bytes:
         return "replacement_too_big", f"{len(data)} replacement bytes, over max_replacement_bytes " \
                                       f"({limits.replacement_bytes})"
+    if reply is not None and len(reply) > limits.replacement_bytes:
+        return "reply_too_big", f"{len(reply)} reply bytes, over max_replacement_bytes ({limits.replacement_bytes})"
     if metadata:
         return _metadata_problem(metadata, limits)
+    return None
+
+
+def _hold_problem(done: bool, answers: str, held: int, limits: VerdictLimits) -> tuple[str, str] | None:
+    if answers != DATA:
+        return "bad_hold", f"ACTION_HOLD on {answers}: no later chunk could decide it"
+    if done:
+        return "bad_hold", "ACTION_HOLD with done: no later chunk would be sent to decide it"
+    if held > limits.held_bytes:
+        return "held_too_much", f"ACTION_HOLD would hold {held} bytes of this connection and direction, over " \
+                                f"max_held_bytes ({limits.held_bytes})"
     return None
 
 

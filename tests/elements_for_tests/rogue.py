@@ -18,6 +18,7 @@ Default '{"name": "rogue"}'. Open events are answered PASS when the description 
                 are answered with action 77, the rest PASS
     stall       after --stall-after Data events, answers nothing for --stall-seconds, then
                 sends everything it held in one message (once per process)
+    hold-all    HOLD every Data event, end_of_stream ones too (which no later chunk could decide)
 
 Every event received is logged to stdout, one line each, flushed after every message:
 
@@ -51,7 +52,7 @@ BIG_VALUE_BYTES = 10_000_000
 MANY_ENTRIES = 10_000
 BAD_ACTION = 77
 SEQUENCE_OFFSET = 1000
-BEHAVIOURS = ("pass", "bigmeta", "manymeta", "unknown-id", "wrong-seq", "duplicate", "mixed", "stall")
+BEHAVIOURS = ("pass", "bigmeta", "manymeta", "unknown-id", "wrong-seq", "duplicate", "mixed", "stall", "hold-all")
 DIRECTIONS = {pb.DIRECTION_REQUEST: "request", pb.DIRECTION_RESPONSE: "response"}
 
 
@@ -171,6 +172,8 @@ class Rogue(pb_grpc.ElementServicer):
             verdict.sequence = event.sequence + SEQUENCE_OFFSET
         elif behaviour == "mixed" and self.every and self.data_events % self.every == 0:
             verdict.action = BAD_ACTION  # type: ignore[assignment]
+        elif behaviour == "hold-all":
+            verdict.action = pb.ACTION_HOLD
         elif behaviour == "unknown-id":
             return [verdict, pb.Verdict(connection_id=f"rogue-nobody-{next(self.nobody)}", sequence=event.sequence,
                                         action=pb.ACTION_PASS)]
