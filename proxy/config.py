@@ -85,6 +85,9 @@ class ElementConfig:
     address: str
     name: str = ""
     failure: str = "closed"
+    # inline: as the element describes itself; detect: never waited for, a CLOSE or RESET verdict
+    # is applied when it arrives; shadow: never waited for, verdicts only counted (ELEMENT_MODES)
+    mode: str = "inline"
     timeout_ms: int = 1000
     breaker_failures: int = 5
     breaker_cooldown_ms: int = 5000
@@ -201,6 +204,7 @@ ELEMENT_LIMITS = {
     "breaker_min_events": Limit(1, 1_000_000),
     "resolve_interval_ms": Limit(0, DAY_MS, "at start and when a session is lost only"),
 }
+ELEMENT_MODES = ("inline", "detect", "shadow")
 TLS_KEYS = ("tls_ca", "tls_cert", "tls_key", "tls_server_name")
 
 
@@ -235,6 +239,7 @@ def _checked_element(key: str, table: Mapping[str, Any]) -> ElementConfig:
     return ElementConfig(
         address=address, name=_typed(f"{key}.name", table.get("name", ""), str),
         failure=_choice(f"{key}.failure", table.get("failure", defaults.failure), FAILURE_POLICIES),
+        mode=_choice(f"{key}.mode", table.get("mode", defaults.mode), ELEMENT_MODES),
         **numbers, **tls, tls=_tls_files(key, tls))
 
 
@@ -361,7 +366,7 @@ def build(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, A
 _ENV_KEYS = {"TARGET_ADDR": "target", "LOG_LEVEL": "log_level", "LOG_FORMAT": "log_format"}
 # --element-failure, --element-timeout-ms, --element-tls-*, and the option each sets on every
 # --element or ELEMENTS element (a file's [[element]] table sets its own).
-_ELEMENT_FLAGS = {"element_failure": "failure", "element_timeout_ms": "timeout_ms",
+_ELEMENT_FLAGS = {"element_failure": "failure", "element_mode": "mode", "element_timeout_ms": "timeout_ms",
                   "element_resolve_interval_ms": "resolve_interval_ms",
                   **{f"element_{name}": name for name in TLS_KEYS}}
 

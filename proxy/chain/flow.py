@@ -101,14 +101,22 @@ class Flow:
     def on_resumed_verdict(self, element: int, action: int) -> None:
         """A verdict on the resumed Open a new session of `element` was sent: CLOSE and RESET end
         the connection as they would mid-stream (nothing of it is waiting on that verdict)."""
+        self._unawaited(element, action, " on resume")
+
+    def on_late_verdict(self, element: int, action: int) -> None:
+        """A detect-mode element's CLOSE or RESET, applied when it arrives: what was written stays
+        written; a CLOSE drains what is in flight, then FIN both ways."""
+        self._unawaited(element, action, " (detect mode, late)")
+
+    def _unawaited(self, element: int, action: int, at: str) -> None:
         found = rule(action)
         if self.state is FlowState.ENDED or found.open_continues:
             return
         if found.outcome is Outcome.CLOSED_BY_ELEMENT:
-            self._close(None, None, element, found.said(" on resume"))
+            self._close(None, None, element, found.said(at))
             return
         assert found.outcome is not None
-        self.end(found.outcome, f"element {self.plan.name(element)} {found.said(' on resume')}")
+        self.end(found.outcome, f"element {self.plan.name(element)} {found.said(at)}")
 
     def close_by_element(self, lane: Lane, seq: int, element: int) -> None:
         """ACTION_CLOSE: drop from `seq` on in `lane`, drain both lanes, then FIN both ways."""

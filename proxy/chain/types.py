@@ -103,6 +103,8 @@ class FlowView(Protocol):
 
     def on_resumed_verdict(self, element: int, action: int) -> None: ...
 
+    def on_late_verdict(self, element: int, action: int) -> None: ...
+
 
 class Peer(Protocol):
     """The connection as its elements are told about it."""
