@@ -63,6 +63,9 @@ class Stage:
     element: int
     inline: bool = True
     byte_limit: int = 0
+    # A parallel stage (consecutive inline read-only elements, see Description.read_only in the
+    # proto): these elements are asked at once with `element`, in chain order after it (group.py).
+    peers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ FAILURE_CAUSES = ("timeout", "session_down", "breaker_open", "invalid_verdict", 
 # What a shadow-mode element's verdicts would have done, and what a detect-mode one's did (late).
 WOULD = ("drop", "close", "reset", "replace")
 LATE = ("close", "reset")
-INVALID_CAUSES = ("bad_action", "replacement_too_big", "metadata_too_big", "unknown_connection", "unknown_sequence")
+INVALID_CAUSES = ("bad_action", "replacement_read_only", "replacement_too_big", "metadata_too_big", "unknown_connection", "unknown_sequence")
 
 
 class ElementStats:

@@ -38,7 +38,23 @@ def plan_for(descriptions: list[pb.Description | None], names: tuple[str, ...] =
                 stages.append(Stage(index))
             continue
         _plan_element(index, description, index not in unwaited, request, response, open_stages)
-    return ChainPlan(tuple(request), tuple(reversed(response)), tuple(open_stages), names)
+    read_only = frozenset(i for i, d in enumerate(descriptions) if d is not None and d.read_only)
+    return ChainPlan(_parallel(request, read_only), _parallel(response[::-1], read_only), tuple(open_stages),
+                     names)
+
+
+def _parallel(stages: list[Stage], read_only: frozenset[int]) -> tuple[Stage, ...]:
+    """Consecutive inline read-only stages without a byte limit become one parallel stage (its first
+    element, the others as `peers`, in chain order): one round trip for all of them per chunk."""
+    planned: list[Stage] = []
+    for stage in stages:
+        joins = stage.inline and not stage.byte_limit and stage.element in read_only
+        last = planned[-1] if planned else None
+        if joins and last is not None and last.inline and not last.byte_limit and last.element in read_only:
+            planned[-1] = Stage(last.element, peers=(*last.peers, stage.element))
+        else:
+            planned.append(stage)
+    return tuple(planned)
 
 
 def _plan_element(index: int, description: pb.Description, waited: bool, request: list[Stage],

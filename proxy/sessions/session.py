@@ -111,6 +111,7 @@ class ElementSession:
         self.faults = FaultLog(log, f"element {self.name}")
         self._limits = limits
         self._max_replacement = limits.replacement_bytes
+        self._read_only = False
         self._on_describe = on_describe
         self._live: dict[str, Peer] = {}  # connections that sent this element an event, until their Close
         self._closes_while_down: deque[EncodedEvent] = deque()
@@ -298,6 +299,9 @@ class ElementSession:
         self.faults.subject = f"element {self.name}"
         # detect and shadow share observe mode's no-wait path, batching included
         self._observer = description.mode == pb.MODE_OBSERVE or self._late is not None
+        # a read-only element's every replacement is suspect (-1: any length goes to verdict_problem)
+        self._read_only = description.read_only
+        self._max_replacement = -1 if description.read_only else self._limits.replacement_bytes
         if self._late is not None:
             self._late.name = self.name
 
@@ -412,7 +416,7 @@ class ElementSession:
             data = verdict.data if verdict.HasField("data") else None
             metadata = verdict.metadata
             if key is None or metadata or data is not None and len(data) > self._max_replacement:
-                problem = verdict_problem(action, data, metadata, self._limits)
+                problem = verdict_problem(action, data, metadata, self._limits, self._read_only)
                 if problem is not None:
                     self._invalid(waiter, verdict, *problem)
                     continue

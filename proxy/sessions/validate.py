@@ -57,11 +57,16 @@ class VerdictLimits:
 
 
 def verdict_problem(action: int, data: bytes | None, metadata: Mapping[str, str],
-                    limits: VerdictLimits) -> tuple[str, str] | None:
+                    limits: VerdictLimits, read_only: bool = False) -> tuple[str, str] | None:
     """(cause, detail) when the verdict is invalid, else None. Cheap for the common verdict:
-    a known action, no replacement or a small one, no metadata."""
+    a known action, no replacement or a small one, no metadata. A read-only element
+    (Description.read_only) may be asked together with others, so bytes from it cannot be
+    followed: any replacement is refused."""
     if action not in _ACTIONS:
         return "bad_action", f"action {action} is not {_ACTION_NAMES}"
+    if data is not None and read_only:
+        return "replacement_read_only", f"{len(data)} replacement bytes from an element that described " \
+                                        "itself read_only"
     if data is not None and len(data) > limits.replacement_bytes:
         return "replacement_too_big", f"{len(data)} replacement bytes, over max_replacement_bytes " \
                                       f"({limits.replacement_bytes})"
