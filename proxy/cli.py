@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--listen", action="append", metavar="HOST:PORT",
         help="address to accept on, repeatable; replaces the defaults 0.0.0.0:15002 and 0.0.0.0:15006 "
              "(IPv6 as [::]:15002)")
-    add("--element", action="append", metavar="HOST:PORT", help="element address, repeatable, in chain order")
+    add("--element", action="append", metavar="HOST:PORT", help="element address (HOST:PORT or unix:/PATH), repeatable, in chain order")
     add("--element-failure", choices=cfg.FAILURE_POLICIES,
         help="failure policy of --element/ELEMENTS elements (default closed)")
     add("--element-mode", choices=cfg.ELEMENT_MODES,
