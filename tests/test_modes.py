@@ -15,19 +15,25 @@ from tests.test_reliability import Harness, dial, ending, h, read_until  # noqa:
 from tests.test_enforcement import FIREWALL, RESETS, mentioning
 
 
+def echoed_then(port: int, first: bytes, last: bytes) -> str:
+    """One connection through an echoing upstream: `first` comes back whole, then `last` is sent;
+    how the connection ends ('reset', 'eof', 'timeout'; a reset during the send counts)."""
+    with dial(port) as sock:
+        sock.sendall(first)
+        assert read_until(sock, len(first)) == first, "the echo of the bytes sent first"
+        try:
+            sock.sendall(last)
+            return ending(sock, 5)[0]
+        except RESETS:
+            return "reset"
+
+
 def test_detect_applies_a_late_reset_after_the_bytes_before_it_were_delivered(h: Harness) -> None:
     upstream = h.upstream()
     _, address = h.element(FIREWALL, "--pattern", "EVIL")
     p = h.proxy([address], "--target", f"127.0.0.1:{upstream.port}", "--element-mode", "detect")
     before = b"hello, these bytes are fine\r\n" * 10
-    with dial(p.port) as sock:
-        sock.sendall(before)
-        assert read_until(sock, len(before)) == before, "the echo of the bytes before the match"
-        try:
-            sock.sendall(b"EVIL\r\n")
-            end = ending(sock, 5)[0]
-        except RESETS:
-            end = "reset"
+    end = echoed_then(p.port, before, b"EVIL\r\n")
     assert end == "reset", f"the client saw {end}, not the late reset"
     wait_for(lambda: upstream.echoes and upstream.echoes[0].done.is_set(), 5, "the upstream connection ended")
     (far,) = upstream.echoes

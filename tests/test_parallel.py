@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 
 from tests.checks import wait_for
-from tests.test_enforcement import FIREWALL, RESETS, ROGUE, rogue_args
-from tests.test_reliability import Harness, dial, ending, h, read_until  # noqa: F401  (h: the fixture)
+from tests.test_enforcement import FIREWALL, ROGUE, rogue_args
+from tests.test_modes import echoed_then
+from tests.test_reliability import Harness, dial, h, read_until  # noqa: F401  (h: the fixture)
 
 READ_ONLY_PASS = ("elements.passthrough", "--read-only")
 
@@ -25,15 +26,7 @@ def test_a_read_only_stage_passes_every_byte_and_its_firewall_still_resets(h: Ha
         sock.sendall(payload)
         got = read_until(sock, len(payload), timeout=20)
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
-    with dial(p.port) as sock:
-        sock.sendall(b"fine\r\n")
-        assert read_until(sock, 6) == b"fine\r\n"
-        try:
-            sock.sendall(b"EVIL\r\n")
-            end = ending(sock, 5)[0]
-        except RESETS:
-            end = "reset"
-    assert end == "reset"
+    assert echoed_then(p.port, b"fine\r\n", b"EVIL\r\n") == "reset"
     wait_for(lambda: len(upstream.echoes) == 2 and upstream.echoes[1].done.is_set(), 5, "the upstream side ended")
     assert upstream.echoes[1].received == 6, "the matching chunk reached the upstream: it was not waited for"
     closed = p.wait_closed(2)
@@ -48,14 +41,7 @@ def test_a_read_only_element_that_returns_bytes_is_refused(h: Harness) -> None:
     _, address = h.element(ROGUE, *rogue_args({"name": "liar", "read_only": True}, "--behaviour", "replace",
                                               "--bigmeta-marker", "SECRET"))
     p = h.proxy([address], "--target", f"127.0.0.1:{upstream.port}")
-    with dial(p.port) as sock:
-        sock.sendall(b"plain\r\n")
-        assert read_until(sock, 7) == b"plain\r\n"
-        try:
-            sock.sendall(b"SECRET\r\n")
-            end = ending(sock, 5)[0]
-        except RESETS:
-            end = "reset"
+    end = echoed_then(p.port, b"plain\r\n", b"SECRET\r\n")
     assert end == "reset", "fail-closed: the broken promise resets the connection"
     assert p.element("invalid_verdicts_total", cause="replacement_read_only") == 1
     wait_for(lambda: upstream.echoes and upstream.echoes[0].done.is_set(), 5, "the upstream side ended")
