@@ -100,6 +100,21 @@ class Proc:
             time.sleep(0.02)
         raise TimeoutError(f"{self.name} did not listen on {ports} within {timeout}s:\n{self.tail()}")
 
+    def wait_unix(self, path: Path, timeout: float = 20.0) -> None:
+        """Polls until the unix domain socket `path` accepts; fails fast if the process died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(path))
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.02)
+        raise TimeoutError(f"{self.name} did not listen on unix:{path} within {timeout}s:\n{self.tail()}")
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
         code = stop_popen(self.popen, timeout)

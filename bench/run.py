@@ -37,10 +37,10 @@ from bench import idle, report  # noqa: E402
 from bench.procs import (REPO, Procs, children_cpu_seconds, cpu_seconds, machine_busy_seconds,  # noqa: E402
                          open_connections, set_affinity, time_wait_sockets)
 from bench.setups import CHAINS, KNOWN_SETUPS, SETUPS, Front, Setup, Stack  # noqa: E402
-from bench.workloads import REDIS_WORKLOADS, Redis, WorkloadFailed, iperf3, redis_benchmark  # noqa: E402
+from bench.workloads import REDIS_WORKLOADS, Redis, WorkloadFailed, ab, iperf3, redis_benchmark  # noqa: E402
 
 IDLE_CONNECTIONS = 10_000
-CALIBRATION_REQUESTS = {"get1": 1000, "get1cpu": 1000, "get50": 5000, "churn": 1000, "pipe16": 20000}
+CALIBRATION_REQUESTS = {"get1": 1000, "get1cpu": 1000, "get50": 5000, "churn": 1000, "pipe16": 20000, "ab50": 2000}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -206,6 +206,25 @@ class Bench:
         if workload.name == "churn":
             time.sleep(1.2)  # TIME_WAIT sockets on loopback are reusable after 1 s: let the next set-up start clean
 
+    def ab(self, rep: int, setup: Setup) -> None:
+        requests = self.requests.get((setup.name, "ab50"), 2000)
+        record = self.sample(rep, setup, "ab50", "http", lambda port: ab(port, requests, 30 + 10 * self.args.redis_seconds))
+        _show(record, "rps", "req/s", "p50")
+        time.sleep(1.2)  # its TIME_WAIT sockets, as after churn
+
+    def calibrate_ab(self, name: str) -> None:
+        """-n for `ab` so a run lasts about --redis-seconds (also a warm-up)."""
+        front = self.stack.setups[name].fronts["http"]
+        try:
+            rps = ab(front.port, CALIBRATION_REQUESTS["ab50"], 60)["rps"]
+        except WorkloadFailed as failed:
+            print(f"  ! calibration {name} ab50: {str(failed).splitlines()[0]}")
+            self.failures.append({"rep": 0, "setup": name, "workload": "ab50 (calibration)", "error": str(failed),
+                                  "logs": {p.name: p.tail(40) for p in [front.proc, *front.elements] if p}})
+            rps = CALIBRATION_REQUESTS["ab50"] / self.args.redis_seconds
+        self.requests[name, "ab50"] = int(min(max(rps * self.args.redis_seconds, 500), 1_000_000))
+        time.sleep(1.2)
+
     def calibrate(self) -> None:
         """Sizes -n per set-up and redis workload so each run lasts about --redis-seconds (also a warm-up)."""
         for name in self.setups:
@@ -226,7 +245,9 @@ class Bench:
                 self.requests[name, workload.name] = int(min(max(rps * self.args.redis_seconds, 500), 5_000_000))
                 if workload.name == "churn":
                     time.sleep(1.2)
-            print(f"  {name:<9} " + "  ".join(f"{w.name} -n {self.requests[name, w.name]}" for w in REDIS_WORKLOADS))
+            self.calibrate_ab(name)
+            print(f"  {name:<9} " + "  ".join(f"{w} -n {self.requests[name, w]}"
+                                              for w in [*(w.name for w in REDIS_WORKLOADS), "ab50"]))
 
     def peak_rss(self, rep: int) -> None:
         """VmHWM of each set-up's iperf3 front and its elements: the peak of bulk so far."""
@@ -287,6 +308,8 @@ class Bench:
             for workload in REDIS_WORKLOADS:
                 for setup in order:
                     self.redis(rep, setup, workload)
+            for setup in order:
+                self.ab(rep, setup)
         if self.args.idle_connections:
             print("idle connections")
             self.idle()
@@ -318,10 +341,11 @@ def _raise_fd_limit() -> int:
 
 
 def _check_tools() -> None:
-    missing = [tool for tool in ("iperf3", "redis-server", "redis-benchmark", "redis-cli", "haproxy")
+    missing = [tool for tool in ("iperf3", "redis-server", "redis-benchmark", "redis-cli", "haproxy", "ab")
                if subprocess.run(["which", tool], capture_output=True).returncode != 0]
     if missing:
-        sys.exit(f"bench: missing {', '.join(missing)}: apt-get install -y iperf3 redis-server redis-tools haproxy")
+        sys.exit(f"bench: missing {', '.join(missing)}: apt-get install -y iperf3 redis-server redis-tools haproxy "
+                 "apache2-utils")
 
 
 def _meta(args: argparse.Namespace, setups: list[str], max_fds: int) -> dict[str, Any]:

@@ -9,6 +9,11 @@ server (one for iperf3, one for redis), each with its own element processes, and
 and the minimal forwarder are run the same way: the peak RSS of a front under bulk then
 belongs to bulk alone.
 
+`ro3` is three passthroughs that say they are read-only (one parallel stage: asked at once),
+against `pass3`'s three in sequence. `detect1` and `shadow1` run the passthrough in the
+operator's detect and shadow modes (never waited for), against `empty` and `observe1`.
+`pass1-unix` is `pass1` with its element on a unix domain socket instead of TCP loopback.
+
 `pass1x2` runs its one element as two replicas (127.0.0.2 and 127.0.0.3, the same port)
 behind one name, as a scaled element is run: the proxy resolves the name from a hosts file
 bind-mounted on /etc/hosts in a mount namespace of its own (`unshare --mount`: needs root),
@@ -24,17 +29,25 @@ from pathlib import Path
 
 from bench.procs import Proc, Procs, free_port
 
-TARGETS = ("iperf", "redis")
+TARGETS = ("iperf", "redis", "http")
 
-# element-proxy set-ups: name -> elements (module and options), in chain order
+# element-proxy set-ups: name -> element modules (with their options), in chain order
 CHAINS: dict[str, list[str]] = {
     "empty": [],
     "pass1": ["elements.passthrough"],
     "pass3": ["elements.passthrough"] * 3,
+    "ro3": ["elements.passthrough --read-only"] * 3,
     "observe1": ["bench.observe_element"],
+    "detect1": ["elements.passthrough"],
+    "shadow1": ["elements.passthrough"],
+    "pass1-unix": ["elements.passthrough"],
     "pass1x2": ["elements.passthrough"],
     "guard1": ["elements.redis_guard --deny FLUSHALL,FLUSHDB,DEBUG"],
 }
+# set-ups whose elements the proxy runs in an operator's mode (--element-mode)
+MODES = {"detect1": "detect", "shadow1": "shadow"}
+# set-ups whose elements listen on a unix domain socket (--unix), not on TCP loopback
+UNIX = frozenset(("pass1-unix",))
 # set-ups whose element runs as replicas behind one name: set-up -> the replicas' addresses
 REPLICAS = {"pass1x2": ("127.0.0.2", "127.0.0.3")}
 REPLICA_NAME = "bench-replicas"
@@ -59,6 +72,21 @@ frontend front
     default_backend back
 backend back
     server target 127.0.0.1:{target}
+"""
+# The HTTP server `ab` talks to: haproxy answering every request itself, so the origin is
+# never the bottleneck of a connection-per-request workload.
+HTTP_ORIGIN_CFG = """\
+global
+    nbthread 1
+    maxconn {maxconn}
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend origin
+    bind 127.0.0.1:{listen}
+    http-request return status 200 content-type text/plain string ok
 """
 
 
@@ -90,7 +118,7 @@ class Stack:
         self.procs = procs
         self.work_dir = work_dir
         self.max_fds = max_fds
-        self.server_ports = {"iperf": free_port(), "redis": free_port()}
+        self.server_ports = {"iperf": free_port(), "redis": free_port(), "http": free_port()}
         self.servers: dict[str, Proc] = {}
         self.setups: dict[str, Setup] = {}
 
@@ -102,6 +130,11 @@ class Stack:
             "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--daemonize", "no", "--maxclients", "20000", "--loglevel", "warning"])
         self.servers["redis"].wait_listening([port])
+        port = self.server_ports["http"]
+        cfg = self.work_dir / "http-origin.cfg"
+        cfg.write_text(HTTP_ORIGIN_CFG.format(maxconn=(self.max_fds - 100) // 2, listen=port))
+        self.servers["http"] = self.procs.start("http-origin", ["haproxy", "-f", str(cfg), "-db"])
+        self.servers["http"].wait_listening([port])
 
     def start_iperf(self) -> None:
         """(Re)starts `iperf3 -s`: a failed test can leave it busy, and it serves one test at a time."""
@@ -128,22 +161,29 @@ class Stack:
             for target in ONLY.get(name, TARGETS):
                 ports = [free_port() for _ in CHAINS[name]]
                 elements = [self.start_element(spec, port, f"{name}-{target}-el{i}"
-                                               + (f"-{host}" if name in REPLICAS else ""), host)
+                                               + (f"-{host}" if name in REPLICAS else ""), host,
+                                               self.socket_path(name, target, i) if name in UNIX else None)
                             for i, (spec, port) in enumerate(zip(CHAINS[name], ports)) for host in hosts]
                 pending[name, target] = (elements, ports)
         for name, _ in pending:
             if name in REPLICAS and os.geteuid() != 0:
                 raise RuntimeError(f"set-up {name} needs root: its proxy runs in a mount namespace of its own")
-        for (name, _), (elements, ports) in pending.items():
+        for (name, target), (elements, ports) in pending.items():
             hosts = REPLICAS.get(name, ("127.0.0.1",))
-            for proc, (port, host) in zip(elements, [(port, host) for port in ports for host in hosts]):
-                proc.wait_listening([port], host=host)
+            for i, (proc, (port, host)) in enumerate(zip(elements, [(port, host) for port in ports for host in hosts])):
+                if name in UNIX:
+                    proc.wait_unix(self.socket_path(name, target, i))
+                else:
+                    proc.wait_listening([port], host=host)
         for name in proxied:
             fronts = {}
             for target in ONLY.get(name, TARGETS):
                 elements, ports = pending[name, target]
                 front = Front(free_port(), elements=elements)
-                front.argv = self.proxy_argv(front.port, target, ports, self.replicas_hosts(name, target))
+                addresses = ([f"unix:{self.socket_path(name, target, i)}" for i in range(len(ports))] if name in UNIX
+                             else [f"{REPLICA_NAME if name in REPLICAS else '127.0.0.1'}:{port}" for port in ports])
+                front.argv = self.proxy_argv(front.port, target, addresses, self.replicas_hosts(name, target),
+                                             MODES.get(name))
                 front.proc = self.procs.start(f"proxy-{name}-{target}", front.argv)
                 fronts[target] = front
             self.setups[name] = Setup(name, fronts)
@@ -151,10 +191,13 @@ class Stack:
             for front in self.setups[name].fronts.values():
                 self.wait_proxy(front)
 
-    def start_element(self, spec: str, port: int, label: str, host: str = "127.0.0.1") -> Proc:
-        module, *options = spec.split()
-        return self.procs.start(label, [sys.executable, "-m", module, *options, "--host", host, "--port", str(port),
-                                        "--log-level", "warning"])
+    def start_element(self, spec: str, port: int, label: str, host: str = "127.0.0.1",
+                      unix: Path | None = None) -> Proc:
+        listen = ["--unix", str(unix)] if unix else ["--host", host, "--port", str(port)]
+        return self.procs.start(label, [sys.executable, "-m", *spec.split(), *listen, "--log-level", "warning"])
+
+    def socket_path(self, name: str, target: str, index: int) -> Path:
+        return self.work_dir / f"{name}-{target}-el{index}.sock"
 
     def replicas_hosts(self, name: str, target: str) -> Path | None:
         """The hosts file that names the set-up's replicas, for its proxy's /etc/hosts."""
@@ -192,14 +235,15 @@ class Stack:
         self.wait_proxy(front)
         return front
 
-    def proxy_argv(self, port: int, target: str, element_ports: list[int], hosts: Path | None = None) -> list[str]:
+    def proxy_argv(self, port: int, target: str, elements: list[str], hosts: Path | None = None,
+                   mode: str | None = None) -> list[str]:
         """Defaults otherwise; each proxy gets its own admin port (the default 15000 would collide).
         With `hosts`, the elements are named REPLICA_NAME, which that file resolves, in the proxy's
         own mount namespace."""
-        element_host = REPLICA_NAME if hosts else "127.0.0.1"
         argv = [sys.executable, "-m", "proxy", "--listen", f"127.0.0.1:{port}",
                 "--target", f"127.0.0.1:{self.server_ports[target]}",
-                *[arg for element in element_ports for arg in ("--element", f"{element_host}:{element}")],
+                *[arg for element in elements for arg in ("--element", element)],
+                *(["--element-mode", mode] if mode else []),
                 "--admin", f"127.0.0.1:{free_port()}", "--event-loop", "uvloop", "--log-level", "warning"]
         if hosts is None:
             return argv

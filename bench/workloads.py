@@ -94,6 +94,33 @@ def _iperf_error(message: str) -> str | None:
         return None
 
 
+AB_CLIENTS = 50
+
+
+def ab(port: int, requests: int, timeout: float) -> dict[str, float]:
+    """`ab -c 50` without keep-alive (apache2-utils): a new connection per request, the set-up
+    cost a chatty HTTP/1.0 client pays; req/s and the median time per request (ms)."""
+    out, elapsed = _run(["ab", "-q", "-n", str(requests), "-c", str(AB_CLIENTS), "-s", "10",
+                         f"http://127.0.0.1:{port}/"], timeout)
+    figures: dict[str, float] = {"requests": requests, "elapsed_s": elapsed}
+    for line in out.splitlines():
+        words = line.split()
+        if line.startswith("Requests per second:"):
+            figures["rps"] = float(words[3])
+        elif line.startswith("Failed requests:"):
+            figures["failed"] = float(words[2])
+        elif line.startswith("Non-2xx responses:"):
+            figures["non2xx"] = float(words[2])
+        elif len(words) == 2 and words[0] == "50%":
+            figures["p50"] = float(words[1])
+    if "rps" not in figures:
+        raise WorkloadFailed(f"unexpected ab output:\n{out[-2000:]}")
+    if figures.get("failed") or figures.get("non2xx"):
+        raise WorkloadFailed(f"ab: {figures.get('failed', 0):.0f} failed, {figures.get('non2xx', 0):.0f} non-2xx "
+                             f"of {requests} requests")
+    return figures
+
+
 def redis_benchmark(workload: Redis, port: int, requests: int, timeout: float, cpu: int = 0) -> dict[str, float]:
     """req/s and latency percentiles (ms) from redis-benchmark --csv (redis 7 columns). redis-benchmark 7
     exits non-zero at the first error reply, so figures mean every reply was a good one.

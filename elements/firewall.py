@@ -48,6 +48,7 @@ class Firewall(Element):
 
     name = "firewall"
     wants_open = True
+    read_only = True  # it resets, closes or drops; it never rewrites a byte
 
     def __init__(self, deny_cidrs: Iterable[Network] = (), deny_ports: Iterable[int] = (),
                  open_action: str = "reset", patterns: Iterable[bytes] = (),

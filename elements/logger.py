@@ -32,6 +32,7 @@ class Logger(Element):
     name = "logger"
     wants_open = True
     mode = Mode.OBSERVE
+    read_only = True
     request_bytes_limit = 1
     response_bytes_limit = 1
 

@@ -53,9 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     add("--listen", action="append", metavar="HOST:PORT",
         help="address to accept on, repeatable; replaces the defaults 0.0.0.0:15002 and 0.0.0.0:15006 "
              "(IPv6 as [::]:15002)")
-    add("--element", action="append", metavar="HOST:PORT", help="element address, repeatable, in chain order")
+    add("--element", action="append", metavar="HOST:PORT", help="element address (HOST:PORT or unix:/PATH), repeatable, in chain order")
     add("--element-failure", choices=cfg.FAILURE_POLICIES,
         help="failure policy of --element/ELEMENTS elements (default closed)")
+    add("--element-mode", choices=cfg.ELEMENT_MODES,
+        help="mode of --element/ELEMENTS elements: inline (as each describes itself, default), detect (never "
+             "waited for; a CLOSE or RESET verdict applies when it arrives) or shadow (never waited for; verdicts "
+             "only counted)")
     add("--element-timeout-ms", type=int, help="per-event timeout of --element/ELEMENTS elements (default 1000)")
     add("--element-resolve-interval-ms", type=int,
         help="how often --element/ELEMENTS names are resolved again for their replicas (default 5000; "
@@ -125,6 +129,11 @@ async def _serve(config: cfg.ProxyConfig, argv: Sequence[str]) -> None:
             log.info("admin endpoint", extra=logs.fields(address=f"http://{config.admin}/"))
         await worker.start(reuse_port=supervisor.is_worker())
         log.info("element-proxy ready", extra=logs.fields(**cfg.describe(config)))
+        for element in config.elements:
+            if element.mode != "inline":
+                log.warning("element %s runs in %s mode: traffic never waits for it and %s", element.name or
+                            element.address, element.mode, "only its CLOSE and RESET verdicts are enforced, late"
+                            if element.mode == "detect" else "none of its verdicts are enforced (only counted)")
         # What start-up allocated (gRPC, protobuf, modules) lives as long as the process:
         # out of the collector's sight, the collections that connections trigger stay small.
         gc.freeze()

@@ -85,6 +85,9 @@ class ElementConfig:
     address: str
     name: str = ""
     failure: str = "closed"
+    # inline: as the element describes itself; detect: never waited for, a CLOSE or RESET verdict
+    # is applied when it arrives; shadow: never waited for, verdicts only counted (ELEMENT_MODES)
+    mode: str = "inline"
     timeout_ms: int = 1000
     breaker_failures: int = 5
     breaker_cooldown_ms: int = 5000
@@ -104,9 +107,17 @@ class ElementConfig:
         return self.failure == "open"
 
     @property
+    def unix(self) -> bool:
+        """Its address is a unix domain socket (`unix:/path`): one replica, no resolution."""
+        return self.address.startswith(UNIX_PREFIX)
+
+    @property
     def server_name(self) -> str:
-        """The name the element's certificate must carry: tls_server_name, else the address's host."""
-        return self.tls_server_name or parse_host_port("address", self.address).host
+        """The name the element's certificate must carry: tls_server_name, else the address's host
+        (localhost for a unix socket)."""
+        if self.tls_server_name or self.unix:
+            return self.tls_server_name or "localhost"
+        return parse_host_port("address", self.address).host
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +144,22 @@ class ProxyConfig:
     admin: HostPort | None = HostPort("127.0.0.1", 15000)
     log_level: str = "debug"
     log_format: str = "console"
+
+
+UNIX_PREFIX = "unix:"
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, the last one a NUL
+
+
+def check_element_address(key: str, text: str) -> None:
+    """An element is at `HOST:PORT` or at `unix:/absolute/path` (a unix domain socket: an element
+    beside the proxy, on the same host or in the same pod, skips TCP loopback)."""
+    if not text.strip().startswith(UNIX_PREFIX):
+        parse_host_port(key, text)
+        return
+    path = text.strip()[len(UNIX_PREFIX):]
+    if not path.startswith("/") or len(path.encode()) > UNIX_PATH_MAX:
+        raise ConfigError(f"{key}: {_shown(text)} is not unix:/ABSOLUTE/PATH (at most {UNIX_PATH_MAX} bytes, "
+                          "e.g. unix:/run/element/firewall.sock)")
 
 
 def parse_host_port(key: str, text: str, *, require_ip: bool = False) -> HostPort:
@@ -204,6 +231,7 @@ ELEMENT_LIMITS = {
     # Per connection and direction: what an element may keep at the proxy with HOLD verdicts.
     "max_held_bytes": Limit(0, GiB, "HOLD refused"),
 }
+ELEMENT_MODES = ("inline", "detect", "shadow")
 TLS_KEYS = ("tls_ca", "tls_cert", "tls_key", "tls_server_name")
 
 
@@ -218,7 +246,7 @@ def _elements(key: str, entries: Sequence[str], given: object,
 
 
 def _element(key: str, address: str, defaults: Mapping[str, Any]) -> ElementConfig:
-    parse_host_port(key, address)
+    check_element_address(key, address)
     return _checked_element(key, {"address": address.strip(), **defaults})
 
 
@@ -230,7 +258,7 @@ def _checked_element(key: str, table: Mapping[str, Any]) -> ElementConfig:
     if "address" not in table:
         raise ConfigError(f"{key}.address: missing; every element needs address = \"HOST:PORT\"")
     address = _typed(f"{key}.address", table["address"], str)
-    parse_host_port(f"{key}.address", address)
+    check_element_address(f"{key}.address", address)
     defaults = ElementConfig(address)
     tls = {name: _typed(f"{key}.{name}", table.get(name, ""), str) for name in TLS_KEYS}
     numbers: dict[str, Any] = {name: limit.check(f"{key}.{name}", table.get(name, getattr(defaults, name)))
@@ -238,6 +266,7 @@ def _checked_element(key: str, table: Mapping[str, Any]) -> ElementConfig:
     return ElementConfig(
         address=address, name=_typed(f"{key}.name", table.get("name", ""), str),
         failure=_choice(f"{key}.failure", table.get("failure", defaults.failure), FAILURE_POLICIES),
+        mode=_choice(f"{key}.mode", table.get("mode", defaults.mode), ELEMENT_MODES),
         **numbers, **tls, tls=_tls_files(key, tls))
 
 
@@ -364,7 +393,7 @@ def build(file: Mapping[str, Any], env: Mapping[str, str], flags: Mapping[str, A
 _ENV_KEYS = {"TARGET_ADDR": "target", "LOG_LEVEL": "log_level", "LOG_FORMAT": "log_format"}
 # --element-failure, --element-timeout-ms, --element-tls-*, and the option each sets on every
 # --element or ELEMENTS element (a file's [[element]] table sets its own).
-_ELEMENT_FLAGS = {"element_failure": "failure", "element_timeout_ms": "timeout_ms",
+_ELEMENT_FLAGS = {"element_failure": "failure", "element_mode": "mode", "element_timeout_ms": "timeout_ms",
                   "element_resolve_interval_ms": "resolve_interval_ms",
                   **{f"element_{name}": name for name in TLS_KEYS}}
 

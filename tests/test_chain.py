@@ -1115,3 +1115,81 @@ def test_a_resumed_open_answered_reset_or_failed_resets_at_once(action: Action, 
     Resumed(h.flow).on_verdict(2, 0, action, None, None)
     assert h.take() == [Close(0, outcome), Finish(outcome)]
     assert h.flow.ended and h.feed(REQ, b"b") == []
+
+
+# ---- parallel stages (read-only elements asked at once) ------------------------------------
+#
+# A parallel stage must write what the same elements one after another would have written.
+# Both chains get the same reads and the same verdict per (element, chunk); only the order
+# verdicts come back in differs: any order when no verdict ends the connection (then timing
+# cannot matter), else chunk by chunk (lowest sequence first, as a sequential chain must
+# answer), the members of a parallel stage in a random order.
+
+PARALLEL_ACTIONS = [PASS, PASS, PASS, PASS, DROP, DROP, CLOSE, RESET, FAIL]
+
+
+def _outcome_of(plan: ChainPlan, reads: list[tuple[Direction, bytes]], eofs: list[Direction],
+                table: Mapping[tuple[int, int], int], pick: st.DataObject, lowest_first: bool,
+                limits: LaneLimits) -> tuple[dict[Direction, bytes], set[Direction], list[Finish], list[str]]:
+    """What one chain wrote per direction, which directions it half-closed, how it ended (the two
+    directions are independent, so the order between them is not compared)."""
+    h = Harness(plan, limits)
+    h.flow.start()
+    for direction, data in reads:
+        h.flow.lane(direction).feed(data)
+    for direction in eofs:
+        h.flow.lane(direction).feed_eof()
+    for _ in range(1000):
+        asks = h.out.asks
+        if not asks or h.out.finished:
+            break
+        if lowest_first:
+            low = min(ask.seq for ask in asks)
+            choices = [ask for ask in asks if ask.seq == low]
+        else:
+            choices = list(asks)
+        ask = choices[pick.draw(st.integers(0, len(choices) - 1))]
+        asks.remove(ask)
+        ask.target.on_verdict(ask.pos, ask.seq, table.get((ask.element, ask.seq), PASS), None, None)
+    written = {REQ: b"", RESP: b""}
+    for call in h.out.calls:
+        if isinstance(call, Write):
+            written[call.direction] += call.data
+    return written, {c.direction for c in h.out.calls if isinstance(c, Eof)}, h.out.finished, h.out.details
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_a_parallel_stage_writes_what_the_same_elements_in_sequence_write(data: st.DataObject) -> None:
+    n = data.draw(st.integers(2, 4), label="elements")
+    sequential = ChainPlan(request=tuple(Stage(e) for e in range(n)),
+                           response=tuple(Stage(e) for e in reversed(range(n))))
+    parallel = ChainPlan(request=(Stage(0, peers=tuple(range(1, n))),),
+                         response=(Stage(n - 1, peers=tuple(reversed(range(n - 1)))),))
+    reads = data.draw(st.lists(st.tuples(st.sampled_from([REQ, RESP]), st.binary(min_size=1, max_size=6)),
+                               max_size=8), label="reads")
+    eofs = data.draw(st.lists(st.sampled_from([REQ, RESP]), unique=True), label="eofs")
+    seqs = len(reads) + len(eofs) + 1
+    harsh = data.draw(st.booleans(), label="verdicts that end the connection")
+    actions = PARALLEL_ACTIONS if harsh else [PASS, PASS, DROP]
+    table = {(e, s): data.draw(st.sampled_from(actions)) for e in range(n) for s in range(1, seqs + 1)}
+    # every read its own chunk, dispatched as it is read: the same sequence numbers in both chains
+    # (how a lane cuts and coalesces is the other hypothesis test's business)
+    limits = LaneLimits(chunk_size=8, window=16, high_water=1 << 20)
+    one = _outcome_of(sequential, reads, eofs, table, data, harsh, limits)
+    other = _outcome_of(parallel, reads, eofs, table, data, harsh, limits)
+    assert other == one
+    event(f"ends: {[f.outcome.name for f in one[2]]}")
+
+
+def test_a_parallel_stage_waits_only_for_the_verdicts_chain_order_needs() -> None:
+    h = started(ChainPlan(request=(Stage(0, peers=(1, 2)),)))
+    assert h.feed(REQ, b"a") == [Data(0, 1, REQ, b"a"), Data(1, 1, REQ, b"a"), Data(2, 1, REQ, b"a")]
+    assert h.verdict(2, 1, DROP) == []      # element 2 drops, but 0 and 1 might still reset
+    assert h.verdict(1, 1, PASS) == []
+    assert h.verdict(0, 1, PASS) == []      # chain order: the drop of element 2 decides
+    assert h.feed(REQ, b"b")[:1] == [Data(0, 2, REQ, b"b")]
+    assert h.verdict(1, 2, RESET) == []     # element 0 has not passed yet
+    assert h.verdict(0, 2, PASS) == [Close(0, Outcome.RESET_BY_ELEMENT), Close(1, Outcome.RESET_BY_ELEMENT),
+                                     Close(2, Outcome.RESET_BY_ELEMENT), Finish(Outcome.RESET_BY_ELEMENT)]
+    assert h.out.details == ["element #1 reset it"], "the element that said RESET is named"

@@ -254,3 +254,15 @@ def test_element_tls_and_resolve_flags_set_every_flag_element(tmp_path: Path) ->
     assert [e.tls_ca for e in config.elements] == [str(ca.path)] * 2
     assert [e.resolve_interval_ms for e in config.elements] == [0, 0]
     assert ElementConfig("a:1").resolve_interval_ms == 5000
+
+
+def test_element_mode_defaults_to_inline_and_is_set_per_table_or_by_flag(tmp_path: Path) -> None:
+    assert load(["--element", ELEMENT], {}).elements[0].mode == "inline"
+    assert [e.mode for e in load(["--element", ELEMENT, "--element", "b:2", "--element-mode", "shadow"],
+                                 {}).elements] == ["shadow", "shadow"]
+    path = tmp_path / "proxy.toml"
+    path.write_text(f'[[element]]\naddress = "{ELEMENT}"\nmode = "detect"\n[[element]]\naddress = "b:2"\n')
+    assert [e.mode for e in load(["--config", str(path)], {}).elements] == ["detect", "inline"]
+    path.write_text(f'[[element]]\naddress = "{ELEMENT}"\nmode = "observe"\n')
+    with pytest.raises(ConfigError, match=r"element\[0\]\.mode.*observe.*inline.*detect.*shadow"):
+        load(["--config", str(path)], {})

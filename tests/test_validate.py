@@ -44,6 +44,14 @@ def test_verdicts_within_the_limits(action: int, data: bytes | None, metadata: d
     assert verdict_problem(action, data, metadata, LIMITS) is None
 
 
+def test_a_read_only_element_may_not_replace_bytes() -> None:
+    assert verdict_problem(pb.ACTION_PASS, None, {}, LIMITS, read_only=True) is None
+    for data in (b"", b"new"):
+        problem = verdict_problem(pb.ACTION_PASS, data, {}, LIMITS, read_only=True)
+        assert problem is not None and problem[0] == "replacement_read_only" and "read_only" in problem[1], problem
+    assert verdict_problem(pb.ACTION_PASS, b"new", {}, LIMITS) is None
+
+
 @pytest.mark.parametrize(("action", "data", "metadata", "cause", "says"), [
     (0, None, {}, "bad_action", "action 0 is not PASS, DROP, CLOSE, RESET or HOLD"),
     (77, None, {}, "bad_action", "action 77"),

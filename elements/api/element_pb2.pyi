@@ -185,20 +185,22 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Description(_message.Message):
-    __slots__ = ("name", "directions", "wants_open", "mode", "request_bytes_limit", "response_bytes_limit")
+    __slots__ = ("name", "directions", "wants_open", "mode", "request_bytes_limit", "response_bytes_limit", "read_only")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
     WANTS_OPEN_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_BYTES_LIMIT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_BYTES_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
     name: str
     directions: _containers.RepeatedScalarFieldContainer[Direction]
     wants_open: bool
     mode: Mode
     request_bytes_limit: int
     response_bytes_limit: int
-    def __init__(self, name: _Optional[str] = ..., directions: _Optional[_Iterable[_Union[Direction, str]]] = ..., wants_open: _Optional[bool] = ..., mode: _Optional[_Union[Mode, str]] = ..., request_bytes_limit: _Optional[int] = ..., response_bytes_limit: _Optional[int] = ...) -> None: ...
+    read_only: bool
+    def __init__(self, name: _Optional[str] = ..., directions: _Optional[_Iterable[_Union[Direction, str]]] = ..., wants_open: _Optional[bool] = ..., mode: _Optional[_Union[Mode, str]] = ..., request_bytes_limit: _Optional[int] = ..., response_bytes_limit: _Optional[int] = ..., read_only: _Optional[bool] = ...) -> None: ...
 
 class ProcessRequest(_message.Message):
     __slots__ = ("open", "data", "text", "chunks")

@@ -216,6 +216,9 @@ class Element:
     name: str = ""
     wants_open: bool = False
     mode: Mode = Mode.INLINE
+    # Only judges, never replaces bytes: the proxy may ask it at once with its read-only
+    # neighbours (Description.read_only in the proto); returning bytes is then an invalid verdict.
+    read_only: bool = False
     directions: tuple[Direction, ...] = (Direction.REQUEST, Direction.RESPONSE)
     request_bytes_limit: int = 0
     response_bytes_limit: int = 0
@@ -268,7 +271,7 @@ class Element:
         # the generated stubs type enum fields as their own classes; on the wire they are ints
         return pb.Description(
             name=self.name or type(self).__name__.lower(), directions=cast("list[pb.Direction]", directions),
-            wants_open=self.wants_open, mode=cast("pb.Mode", int(self.mode)),
+            wants_open=self.wants_open, mode=cast("pb.Mode", int(self.mode)), read_only=self.read_only,
             request_bytes_limit=self.request_bytes_limit, response_bytes_limit=self.response_bytes_limit,
         )
 

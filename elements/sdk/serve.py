@@ -100,9 +100,37 @@ def _bind(server: grpc.aio.Server, name: str, host: str, port: int, flags: str,
             from error
 
 
+def _bind_unix(server: grpc.aio.Server, name: str, path: str, tls: ServerTls | None) -> None:
+    """Listens on the unix domain socket `path`. A socket file nobody accepts on is what a killed
+    element leaves behind, and is replaced; one that answers belongs to a running element, and
+    taking it over silently would split the proxy's sessions, so that is refused."""
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale
+        except OSError as error:
+            raise CannotServe(f"element {name}: cannot listen on unix:{path} (--unix): {error}") from error
+        else:
+            raise CannotServe(f"element {name}: cannot listen on unix:{path} (--unix): another process "
+                              "accepts connections there")
+        finally:
+            probe.close()
+    address = f"unix:{path}"
+    try:
+        if tls is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, tls.credentials())
+    except RuntimeError as error:
+        raise CannotServe(f"element {name}: cannot listen on {address} (--unix): is its directory there and "
+                          "writable?") from error
+
+
 async def serve_async(element: Element, host: str = "0.0.0.0", port: int = DEFAULT_PORT,
                       grace: float = DEFAULT_GRACE, *, tls: ServerTls | None = None,
-                      health_port: int | None = None) -> None:
+                      health_port: int | None = None, unix: str | None = None) -> None:
     """Serves until SIGTERM/SIGINT, then drains within `grace` (see the module's docstring)."""
     name = element.describe().name
     server = _server()
@@ -113,7 +141,11 @@ async def serve_async(element: Element, host: str = "0.0.0.0", port: int = DEFAU
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.add_to_server(server, [ELEMENT_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
                              [*reflection.with_comments(), *reflection.described(health_pb2)])
-    bound = _bind(server, name, host, port, "--host / --port", tls)
+    if unix is not None:
+        _bind_unix(server, name, unix, tls)
+        where = f"unix:{unix}"
+    else:
+        where = f"{host}:{_bind(server, name, host, port, '--host / --port', tls)}"
     probes = None
     if health_port is not None:
         probes = _server()
@@ -126,7 +158,7 @@ async def serve_async(element: Element, host: str = "0.0.0.0", port: int = DEFAU
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    log.info("element %s serving on %s:%d%s%s", name, host, bound,
+    log.info("element %s serving on %s%s%s", name, where,
              " (TLS, client certificates required)" if tls and tls.client_ca else " (TLS)" if tls else "",
              f", health on {health_port} (plaintext)" if probes else "")
     await stop.wait()
@@ -157,7 +189,8 @@ async def _drain(name: str, servicer: Servicer, health: health_aio.HealthService
 
 
 def serve(element: Element, host: str = "0.0.0.0", port: int = DEFAULT_PORT,
-          grace: float = DEFAULT_GRACE, *, tls: ServerTls | None = None, health_port: int | None = None) -> None:
+          grace: float = DEFAULT_GRACE, *, tls: ServerTls | None = None, health_port: int | None = None,
+          unix: str | None = None) -> None:
     """Blocks serving `element` (on uvloop when installed) until SIGTERM or SIGINT."""
     try:
         import uvloop
@@ -166,7 +199,7 @@ def serve(element: Element, host: str = "0.0.0.0", port: int = DEFAULT_PORT,
     else:
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     with runner:
-        runner.run(serve_async(element, host, port, grace, tls=tls, health_port=health_port))
+        runner.run(serve_async(element, host, port, grace, tls=tls, health_port=health_port, unix=unix))
 
 
 def port_number(text: str) -> int:
@@ -230,6 +263,9 @@ def run(element_class: type[Element], argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=_listen_port, default=DEFAULT_PORT,
                         help="port to listen on, 0 for any (default: %(default)s)")
+    parser.add_argument("--unix", metavar="PATH",
+                        help="listen on this unix domain socket instead of --host/--port (the proxy's "
+                             "element address is then unix:PATH; a stale socket file is replaced)")
     parser.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE, metavar="SECONDS",
                         help="on SIGTERM, how long open connections may go on (default: %(default)s)")
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (and --tls-key)")
@@ -253,7 +289,7 @@ def run(element_class: type[Element], argv: list[str] | None = None) -> None:
     except ValueError as err:
         parser.error(str(err))
     try:
-        serve(element, args.host, args.port, args.grace, tls=tls, health_port=args.health_port)
+        serve(element, args.host, args.port, args.grace, tls=tls, health_port=args.health_port, unix=args.unix)
     except CannotServe as error:
         log.error("%s", error)
         sys.exit(1)

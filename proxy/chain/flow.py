@@ -108,6 +108,14 @@ class Flow:
         """A verdict on the resumed Open a new session of `element` was sent: CLOSE and RESET end
         the connection as they would mid-stream (nothing of it is waiting on that verdict). A reply
         is ignored: the connection is mid-stream, where bytes of the element's would corrupt it."""
+        self._unawaited(element, action, " on resume", done)
+
+    def on_late_verdict(self, element: int, action: int) -> None:
+        """A detect-mode element's CLOSE or RESET, applied when it arrives: what was written stays
+        written; a CLOSE drains what is in flight, then FIN both ways."""
+        self._unawaited(element, action, " (detect mode, late)")
+
+    def _unawaited(self, element: int, action: int, at: str, done: bool = False) -> None:
         found = rule(action)
         if self.state is FlowState.ENDED:
             return
@@ -116,10 +124,10 @@ class Flow:
                 self._bypass(element)
             return
         if found.outcome is Outcome.CLOSED_BY_ELEMENT:
-            self._close(None, None, element, found.said(" on resume"))
+            self._close(None, None, element, found.said(at))
             return
         assert found.outcome is not None
-        self.end(found.outcome, f"element {self.plan.name(element)} {found.said(' on resume')}")
+        self.end(found.outcome, f"element {self.plan.name(element)} {found.said(at)}")
 
     def _bypass(self, element: int) -> None:
         """`done` on an Open verdict: the element wants no Data event of this connection."""

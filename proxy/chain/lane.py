@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from proxy.chain.group import Group
 from proxy.chain.pending import Pending
 from proxy.chain.types import Action, ChainPlan, Direction, ElementPort, LaneLimits, Outcome, Payload, SocketSide, Stage
 from proxy.chain.verdicts import RULES, Effect, Rule, rule
@@ -91,7 +92,8 @@ class Lane:
     """One direction: `feed` and `feed_eof` from its source, `on_verdict` from its stages' elements."""
 
     __slots__ = ("flow", "direction", "stages", "limits", "ports", "sockets", "emit", "fifos", "seen", "exhausted",
-                 "held", "pending", "in_flight", "in_flight_bytes", "state", "reading", "passthrough", "pumping")
+                 "held", "pending", "in_flight", "in_flight_bytes", "state", "reading", "passthrough", "pumping",
+                 "groups")
 
     def __init__(self, flow: LaneOwner, direction: Direction, stages: tuple[Stage, ...], limits: LaneLimits) -> None:
         self.flow = flow
@@ -112,6 +114,7 @@ class Lane:
         self.reading = True
         self.passthrough = not stages
         self.pumping = False
+        self.groups: dict[int, Group] | None = None  # parallel stages by position, made at their first chunk
 
     def become(self, state: LaneState) -> None:
         """Moves to `state`, which TRANSITIONS must allow from the current one."""
@@ -256,7 +259,7 @@ class Lane:
         first = chunk.held[0].seq if chunk.held else chunk.seq
         chunk.held = None
         self._forget(chunk)
-        self.flow.close_by_element(self, first, self.stages[pos].element)
+        self.flow.close_by_element(self, first, self._judge(pos, chunk.seq))
 
     def _hold(self, chunk: _Chunk, pos: int, verdict: Verdict, found: Rule) -> None:
         if chunk.eos:  # nothing could follow to decide it
@@ -282,7 +285,13 @@ class Lane:
 
     def _end(self, chunk: _Chunk, pos: int, verdict: Verdict, found: Rule) -> None:
         assert found.outcome is not None
-        self.flow.end(found.outcome, f"element {self.flow.plan.name(self.stages[pos].element)} {found.said()}")
+        self.flow.end(found.outcome, f"element {self.flow.plan.name(self._judge(pos, chunk.seq))} {found.said()}")
+
+    def _judge(self, pos: int, seq: int) -> int:
+        """The element whose verdict at stage `pos` on chunk `seq` ends or closes the connection."""
+        if self.groups is not None and pos in self.groups:
+            return self.groups[pos].judge(seq)
+        return self.stages[pos].element
 
     def _dispatch(self, data: Payload, eos: bool) -> None:
         chunk = _Chunk(self.flow.next_seq(), data, eos)
@@ -313,6 +322,8 @@ class Lane:
 
     def _send(self, stage: Stage, pos: int, chunk: _Chunk) -> bool:
         """Sends the chunk to the stage's element; True when the stage holds it for the verdict."""
+        if stage.peers:
+            return self._send_group(stage, pos, chunk)
         self.seen[pos] += len(chunk.data)
         if stage.byte_limit and self.seen[pos] >= stage.byte_limit:
             self.exhaust(pos)
@@ -328,6 +339,23 @@ class Lane:
         self.ports[element].send_data(flow.id, chunk.seq, self.direction, chunk.data, chunk.eos, chunk.metadata,
                                       None, pos)
         return False
+
+    def _send_group(self, stage: Stage, pos: int, chunk: _Chunk) -> bool:
+        """A parallel stage (group.py): the chunk to every member at once, held for their combined verdict."""
+        if self.groups is None:
+            self.groups = {}
+        group = self.groups.get(pos) or self.groups.setdefault(pos, Group(self, pos, stage))
+        group.expect(chunk.seq, chunk.eos)
+        self.fifos[pos].append(chunk)
+        flow = self.flow
+        for member, element in enumerate(group.members):
+            if element not in flow.touched:
+                flow.use(element)
+            self.ports[element].send_data(flow.id, chunk.seq, self.direction, chunk.data, chunk.eos, chunk.metadata,
+                                          group, member)
+            if self.state is ENDED:
+                break
+        return True
 
     def _leave(self, chunk: _Chunk) -> None:
         """The chunk passed every stage: out to the wire, with the half-close it may carry."""

@@ -64,6 +64,9 @@ class Stage:
     element: int
     inline: bool = True
     byte_limit: int = 0
+    # A parallel stage (consecutive inline read-only elements, see Description.read_only in the
+    # proto): these elements are asked at once with `element`, in chain order after it (group.py).
+    peers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,8 @@ class FlowView(Protocol):
     open_metadata: dict[str, str]
 
     def on_resumed_verdict(self, element: int, action: int, done: bool = False) -> None: ...
+
+    def on_late_verdict(self, element: int, action: int) -> None: ...
 
 
 class Peer(Protocol):

@@ -39,6 +39,7 @@ class _SnapshotCollector:
             written.add_metric([direction], count)
         yield written
         yield from self._elements(snap.get("elements", {}))
+        yield from self._modes(snap.get("elements", {}))
 
     @staticmethod
     def _elements(elements: dict[str, Any]) -> Iterator[Metric]:
@@ -105,6 +106,30 @@ class _SnapshotCollector:
                 endpoint_events.add_metric([*values, endpoint], seen["events"])
         yield from (up, breaker, describe_invalid, events, batches, verdicts, failures, invalid, closes_lost, latency,
                     endpoint_up, endpoint_draining, endpoint_connections, endpoint_events)
+
+    @staticmethod
+    def _modes(elements: dict[str, Any]) -> Iterator[Metric]:
+        """The operator's mode of each element, and what its no-wait verdicts did (detect) or would
+        have done (shadow): a mode that does not enforce is always visible."""
+        labels = ["position", "element"]
+        mode = GaugeMetricFamily("element_proxy_element_mode", "The element's mode as configured (inline, detect, "
+                                 "shadow): 1 for the mode it runs in.", labels=[*labels, "mode"])
+        would = CounterMetricFamily("element_proxy_element_would", "Verdicts of a shadow-mode element that were "
+                                    "not enforced, by what they would have done.", labels=[*labels, "action"])
+        late = CounterMetricFamily("element_proxy_element_late_enforcements", "CLOSE and RESET verdicts of a "
+                                   "detect-mode element, applied when they arrived.", labels=[*labels, "action"])
+        delay = CounterMetricFamily("element_proxy_element_late_delay_seconds", "Sum over late enforcements of "
+                                    "the time from sending the event to applying its verdict.", labels=labels)
+        for key, element in sorted(elements.items()):
+            values = key.split(":", 1)
+            for name in element.get("mode", {}):
+                mode.add_metric([*values, name], 1)
+            for action, count in sorted(element.get("would", {}).items()):
+                would.add_metric([*values, action], count)
+            for action, count in sorted(element.get("late", {}).items()):
+                late.add_metric([*values, action], count)
+            delay.add_metric(values, element.get("late_delay_sum", 0.0))
+        yield from (mode, would, late, delay)
 
 
 def render(snapshot: dict[str, Any]) -> bytes:

@@ -41,7 +41,9 @@ _VERIFY_FAILURES = (
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """`address` is what is dialed: "10.0.0.7:50051" or "[fd00::7]:50051"."""
+    """`address` is what is dialed: "10.0.0.7:50051", "[fd00::7]:50051" or "unix:/run/element.sock" (gRPC
+    dials a unix domain socket itself; over TLS its certificate must carry tls_server_name, else
+    localhost)."""
 
     address: str
     config: ElementConfig

@@ -58,10 +58,12 @@ class Fleet:
         self._was_up: set[str] = set()
         self._ended: dict[str, Any] = {}  # the counters of sessions stopped, so totals never go back
         self._stopping: set[asyncio.Task[None]] = set()
-        address = parse_host_port("address", config.address)
+        address = None if config.unix else parse_host_port("address", config.address)
         self.resolution: Resolution | None = None
         self.port: ElementPort = self
-        if address.is_ip:
+        if address is None:  # a unix socket: one replica for ever, as an IP address is
+            self.port = self.sessions[config.address] = self._session(config.address)
+        elif address.is_ip:
             # one replica for ever: flows talk to its session straight, with no routing per event
             self.port = self.sessions[str(address)] = self._session(str(address))
         else:

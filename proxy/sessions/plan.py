@@ -17,12 +17,13 @@ from proxy.sessions.validate import VerdictLimits
 
 
 def plan_for(descriptions: list[pb.Description | None], names: tuple[str, ...] = (),
-             skipped: frozenset[int] = frozenset()) -> ChainPlan:
+             skipped: frozenset[int] = frozenset(), unwaited: frozenset[int] = frozenset()) -> ChainPlan:
     """Stages per direction: requests visit elements 0..N-1, responses N-1..0.
 
     An element never reached has no description: it is planned as inline on Open and
     both directions, so its failure policy decides (fail-closed rejects before dialing).
-    `skipped` elements (fail-open, breaker open) get no stage at all.
+    `skipped` elements (fail-open, breaker open) get no stage at all; `unwaited` ones (the
+    operator's detect and shadow modes) are planned like observe-mode elements, whatever they say.
     """
     request: list[Stage] = []
     response: list[Stage] = []
@@ -31,18 +32,42 @@ def plan_for(descriptions: list[pb.Description | None], names: tuple[str, ...] =
         if index in skipped:
             continue
         if description is None:
+            if index in unwaited:
+                continue  # never waited for, so never answered for: its session's warning says it is down
             for stages in (request, response, open_stages):
                 stages.append(Stage(index))
             continue
-        inline = description.mode != pb.MODE_OBSERVE
-        directions = set(description.directions) or {Direction.REQUEST, Direction.RESPONSE}
-        if Direction.REQUEST in directions:
-            request.append(Stage(index, inline, description.request_bytes_limit))
-        if Direction.RESPONSE in directions:
-            response.append(Stage(index, inline, description.response_bytes_limit))
-        if description.wants_open:
-            open_stages.append(Stage(index, inline))
-    return ChainPlan(tuple(request), tuple(reversed(response)), tuple(open_stages), names)
+        _plan_element(index, description, index not in unwaited, request, response, open_stages)
+    read_only = frozenset(i for i, d in enumerate(descriptions) if d is not None and d.read_only)
+    return ChainPlan(_parallel(request, read_only), _parallel(response[::-1], read_only), tuple(open_stages),
+                     names)
+
+
+def _parallel(stages: list[Stage], read_only: frozenset[int]) -> tuple[Stage, ...]:
+    """Consecutive inline read-only stages without a byte limit become one parallel stage (its first
+    element, the others as `peers`, in chain order): one round trip for all of them per chunk."""
+    planned: list[Stage] = []
+    for stage in stages:
+        joins = stage.inline and not stage.byte_limit and stage.element in read_only
+        last = planned[-1] if planned else None
+        if joins and last is not None and last.inline and not last.byte_limit and last.element in read_only:
+            planned[-1] = Stage(last.element, peers=(*last.peers, stage.element))
+        else:
+            planned.append(stage)
+    return tuple(planned)
+
+
+def _plan_element(index: int, description: pb.Description, waited: bool, request: list[Stage],
+                  response: list[Stage], open_stages: list[Stage]) -> None:
+    """The stages of one element that described itself."""
+    inline = description.mode != pb.MODE_OBSERVE and waited
+    directions = set(description.directions) or {Direction.REQUEST, Direction.RESPONSE}
+    if Direction.REQUEST in directions:
+        request.append(Stage(index, inline, description.request_bytes_limit))
+    if Direction.RESPONSE in directions:
+        response.append(Stage(index, inline, description.response_bytes_limit))
+    if description.wants_open:
+        open_stages.append(Stage(index, inline))
 
 
 class Chain:
@@ -58,7 +83,8 @@ class Chain:
 
     def _replan(self) -> None:
         self.plan = plan_for([f.description for f in self.fleets], tuple(f.name for f in self.fleets),
-                             frozenset(f.index for f in self.fleets if f.tripped and f.config.fail_open))
+                             frozenset(f.index for f in self.fleets if f.tripped and f.config.fail_open),
+                             frozenset(f.index for f in self.fleets if f.config.mode != "inline"))
 
     def refusing(self) -> str | None:
         """Why new connections are refused: a fail-closed element whose every breaker is open."""

@@ -41,6 +41,7 @@ from proxy.config import ElementConfig
 from proxy.sessions.drain import DrainWatch
 from proxy.sessions.endpoint import Endpoint
 from proxy.sessions.faultlog import FaultLog
+from proxy.sessions.late import LateVerdicts
 from elements.logs import fields
 from proxy.operations.stats import ElementStats
 from proxy.sessions.validate import DATA, END_OF_STREAM, OPEN, VerdictLimits, description_problem, verdict_problem
@@ -112,12 +113,15 @@ class ElementSession:
         self.problem: str | None = None  # why the last Describe could not be honoured
         self.up = False
         self._observer = False
-        self.stats = ElementStats()
+        self.stats = ElementStats(config.mode)
+        # detect and shadow: planned as never waited for, their verdicts go here (late.py)
+        self._late = LateVerdicts(config.mode, index, self.name, self.stats) if config.mode != "inline" else None
         self.breaker = Breaker(config, self.name, on_describe, endpoint.channel)
         self.drain = DrainWatch(self._where, on_describe)
         self.faults = FaultLog(log, f"element {self.name}")
         self._limits = dataclasses.replace(limits, held_bytes=config.max_held_bytes)
         self._max_replacement = limits.replacement_bytes
+        self._read_only = False
         self._on_describe = on_describe
         self._live: dict[str, Peer] = {}  # connections that sent this element an event, until their Close
         self._closes_while_down: deque[EncodedEvent] = deque()
@@ -212,6 +216,8 @@ class ElementSession:
             now = time.monotonic()
             self._pending[key] = (target, pos, seq, now, direction, holdable)
             self._deadlines.append((now + self._timeout, key))
+        elif self._late is not None:
+            self._late.expect((connection_id, seq), time.monotonic())
         self._queue(event)
 
     def _queue(self, event: EncodedEvent) -> None:
@@ -321,7 +327,13 @@ class ElementSession:
         self.name = self.config.name or description.name or self.config.address
         self.breaker.name = self.name
         self.faults.subject = f"element {self.name}"
-        self._observer = description.mode == pb.MODE_OBSERVE
+        # detect and shadow share observe mode's no-wait path, batching included
+        self._observer = description.mode == pb.MODE_OBSERVE or self._late is not None
+        # a read-only element's every replacement is suspect (-1: any length goes to verdict_problem)
+        self._read_only = description.read_only
+        self._max_replacement = -1 if description.read_only else self._limits.replacement_bytes
+        if self._late is not None:
+            self._late.name = self.name
 
     def _come_up(self) -> None:
         """A new stream: first the Close events it missed, then a resumed Open for every live
@@ -350,6 +362,8 @@ class ElementSession:
             key = (connection.id, 0)
             self._pending[key] = (Resumed(connection.flow), self.index, 0, now, 0, -1)
             self._deadlines.append((now + self._timeout, key))
+        elif self._late is not None:
+            self._late.expect((connection.id, 0), now)
         self._queue(message_event(pb.Event(open=connection.open_event(connection.flow.open_metadata, True))))
 
     async def _stream(self, call: grpc.aio.StreamStreamCall) -> None:
@@ -425,7 +439,7 @@ class ElementSession:
         for verdict in verdicts:
             waiter = pending.pop((verdict.connection_id, verdict.sequence), None)
             if waiter is None:
-                self._stray(verdict)
+                self._unawaited(verdict, now)
                 continue
             target, pos, seq, sent_at, _, _ = waiter
             action = verdict.action
@@ -435,7 +449,7 @@ class ElementSession:
             reply = verdict.reply or None
             done = verdict.done
             if key is None or metadata or reply or done or holding or \
-                    data is not None and len(data) > self._max_replacement:
+                    data is not None and (self._read_only or len(data) > self._max_replacement):
                 key = self._checked(waiter, verdict, data, reply)
                 if key is None:
                     continue
@@ -453,7 +467,7 @@ class ElementSession:
         total = (held[2] if held else 0) + (holdable if holds else 0)
         answers = OPEN if seq == 0 else END_OF_STREAM if holdable < 0 else DATA
         problem = verdict_problem(verdict.action, data, verdict.metadata, self._limits, reply, verdict.done, answers,
-                                  total)
+                                  total, self._read_only)
         if problem is not None:
             self._invalid(waiter, verdict, *problem)
             return None
@@ -470,6 +484,16 @@ class ElementSession:
                          "%s; failure policy %s applied to it", cause, verdict.connection_id, verdict.sequence,
                          detail, self.config.failure)
         self._apply_policy(verdict.connection_id, waiter, "invalid_verdict")
+
+    def _unawaited(self, verdict: pb.Verdict, now: float) -> None:
+        """A verdict nobody waits for: a detect or shadow element's (late.py), else a stray."""
+        late = self._late
+        if late is not None:
+            data = verdict.data if verdict.HasField("data") else None
+            key = (verdict.connection_id, verdict.sequence)
+            if late.take(key, self._live.get(verdict.connection_id), verdict.action, data, now):
+                return
+        self._stray(verdict)
 
     def _stray(self, verdict: pb.Verdict) -> None:
         """A verdict nobody waits for is ignored, counted and said; it harms no connection, so it

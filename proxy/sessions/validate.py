@@ -65,27 +65,45 @@ OPEN, DATA, END_OF_STREAM = "an Open event", "a Data event", "an end_of_stream D
 
 def verdict_problem(action: int, data: bytes | None, metadata: Mapping[str, str], limits: VerdictLimits,
                     reply: bytes | None = None, done: bool = False, answers: str = DATA,
-                    held: int = 0) -> tuple[str, str] | None:
+                    held: int = 0, read_only: bool = False) -> tuple[str, str] | None:
     """(cause, detail) when the verdict is invalid, else None. `held` is what its element would
     hold on the lane after it (only a HOLD adds to it). Cheap for the common verdict: a known
-    action, no replacement or a small one, no reply, no metadata."""
+    action, no replacement or a small one, no reply, no metadata. A read-only element
+    (Description.read_only) may be asked together with others, so bytes from it cannot be
+    followed, nor can it hold: it promised to judge only."""
     if action not in _ACTIONS:
         return "bad_action", f"action {action} is not {_ACTION_NAMES}"
     if action == Action.HOLD:
-        problem = _hold_problem(done, answers, held, limits)
+        problem = _hold_problem(done, answers, held, limits, read_only)
         if problem is not None:
             return problem
-    if data is not None and len(data) > limits.replacement_bytes:
-        return "replacement_too_big", f"{len(data)} replacement bytes, over max_replacement_bytes " \
-                                      f"({limits.replacement_bytes})"
-    if reply is not None and len(reply) > limits.replacement_bytes:
-        return "reply_too_big", f"{len(reply)} reply bytes, over max_replacement_bytes ({limits.replacement_bytes})"
+    if data is not None or reply is not None:
+        problem = _bytes_problem(data, reply, limits, read_only)
+        if problem is not None:
+            return problem
     if metadata:
         return _metadata_problem(metadata, limits)
     return None
 
 
-def _hold_problem(done: bool, answers: str, held: int, limits: VerdictLimits) -> tuple[str, str] | None:
+def _bytes_problem(data: bytes | None, reply: bytes | None, limits: VerdictLimits,
+                   read_only: bool) -> tuple[str, str] | None:
+    """Replacement and reply bytes: none from a read-only element, at most max_replacement_bytes each."""
+    if read_only:
+        what, size = ("replacement", len(data)) if data is not None else ("reply", len(reply or b""))
+        return "replacement_read_only", f"{size} {what} bytes from an element that described itself read_only"
+    if data is not None and len(data) > limits.replacement_bytes:
+        return "replacement_too_big", f"{len(data)} replacement bytes, over max_replacement_bytes " \
+                                      f"({limits.replacement_bytes})"
+    if reply is not None and len(reply) > limits.replacement_bytes:
+        return "reply_too_big", f"{len(reply)} reply bytes, over max_replacement_bytes ({limits.replacement_bytes})"
+    return None
+
+
+def _hold_problem(done: bool, answers: str, held: int, limits: VerdictLimits,
+                  read_only: bool) -> tuple[str, str] | None:
+    if read_only:
+        return "bad_hold", "ACTION_HOLD from an element that described itself read_only"
     if answers != DATA:
         return "bad_hold", f"ACTION_HOLD on {answers}: no later chunk could decide it"
     if done:

@@ -16,6 +16,8 @@ Default '{"name": "rogue"}'. Open events are answered PASS when the description 
     duplicate   every verdict is sent twice, in the same message
     mixed       --percent of the Data events (every (100/percent)th this process receives)
                 are answered with action 77, the rest PASS
+    replace     PASS, but the Data event whose bytes contain --bigmeta-marker gets its bytes
+                replaced by the same number of "X" (with '{"read_only": true}': a broken promise)
     stall       after --stall-after Data events, answers nothing for --stall-seconds, then
                 sends everything it held in one message (once per process)
     hold-all    HOLD every Data event, end_of_stream ones too (which no later chunk could decide)
@@ -52,7 +54,8 @@ BIG_VALUE_BYTES = 10_000_000
 MANY_ENTRIES = 10_000
 BAD_ACTION = 77
 SEQUENCE_OFFSET = 1000
-BEHAVIOURS = ("pass", "bigmeta", "manymeta", "unknown-id", "wrong-seq", "duplicate", "mixed", "stall", "hold-all")
+BEHAVIOURS = ("pass", "bigmeta", "manymeta", "unknown-id", "wrong-seq", "duplicate", "mixed", "stall", "hold-all",
+              "replace")
 DIRECTIONS = {pb.DIRECTION_REQUEST: "request", pb.DIRECTION_RESPONSE: "response"}
 
 
@@ -166,6 +169,8 @@ class Rogue(pb_grpc.ElementServicer):
         behaviour = self.behaviour
         if behaviour == "bigmeta" and self.marker in event.data:
             verdict.metadata["big"] = "x" * BIG_VALUE_BYTES
+        elif behaviour == "replace" and self.marker in event.data:
+            verdict.data = b"X" * len(event.data)
         elif behaviour == "manymeta" and self.marker in event.data:
             verdict.metadata.update({f"m{i:05d}": "v" for i in range(MANY_ENTRIES)})
         elif behaviour == "wrong-seq":
