@@ -665,7 +665,8 @@ def test_a_session_whose_write_fails_first_reconnects(monkeypatch: pytest.Monkey
         return opened[-1]
 
     class Target:
-        def on_verdict(self, pos: int, seq: int, action: int, data: Any, metadata: Any) -> None:
+        def on_verdict(self, pos: int, seq: int, action: int, data: Any, metadata: Any, reply: Any = None,
+                       done: bool = False) -> None:
             verdicts.append((seq, action))
 
     monkeypatch.setattr(session_module.pb_grpc, "ElementStub", Stub)
@@ -715,7 +716,8 @@ def test_a_session_hit_by_an_unexpected_error_logs_it_and_redials(
         return real_session_request(events)
 
     class Target:
-        def on_verdict(self, pos: int, seq: int, action: int, data: Any, metadata: Any) -> None:
+        def on_verdict(self, pos: int, seq: int, action: int, data: Any, metadata: Any, reply: Any = None,
+                       done: bool = False) -> None:
             verdicts.append((seq, action))
 
     monkeypatch.setattr(session_module, "session_request", session_request_failing_once)
@@ -1135,7 +1137,7 @@ def test_unknown_action_gets_the_failure_policy(h: Harness, action: int) -> None
     for p in (p_open, p_closed):
         assert p.element("failures_total", cause="invalid_verdict") == 1
         assert p.element("invalid_verdicts_total", cause="bad_action") == 1
-        assert f"action {action} is not PASS, DROP, CLOSE or RESET; failure policy" in p.log()
+        assert f"action {action} is not PASS, DROP, CLOSE, RESET or HOLD; failure policy" in p.log()
         still_serving(p)
     assert p_closed.wait_closed(1)[0]["outcome"] == "failure"
 
