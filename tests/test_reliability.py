@@ -662,7 +662,8 @@ def test_a_session_whose_write_fails_first_reconnects(monkeypatch: pytest.Monkey
         return opened[-1]
 
     class Target:
-        def on_verdict(self, pos: int, seq: int, action: int, data: Any, metadata: Any) -> None:
+        def on_verdict(self, pos: int, seq: int, action: int, data: Any, metadata: Any, reply: Any = None,
+                       done: bool = False) -> None:
             verdicts.append((seq, action))
 
     monkeypatch.setattr(session_module.pb_grpc, "ElementStub", Stub)
@@ -710,7 +711,8 @@ def test_a_session_hit_by_an_unexpected_error_logs_it_and_redials(
         return real_session_request(events)
 
     class Target:
-        def on_verdict(self, pos: int, seq: int, action: int, data: Any, metadata: Any) -> None:
+        def on_verdict(self, pos: int, seq: int, action: int, data: Any, metadata: Any, reply: Any = None,
+                       done: bool = False) -> None:
             verdicts.append((seq, action))
 
     monkeypatch.setattr(session_module, "session_request", session_request_failing_once)
