@@ -1131,7 +1131,7 @@ def test_unknown_action_gets_the_failure_policy(h: Harness, action: int) -> None
     for p in (p_open, p_closed):
         assert p.element("failures_total", cause="invalid_verdict") == 1
         assert p.element("invalid_verdicts_total", cause="bad_action") == 1
-        assert f"action {action} is not PASS, DROP, CLOSE or RESET; failure policy" in p.log()
+        assert f"action {action} is not PASS, DROP, CLOSE, RESET or HOLD; failure policy" in p.log()
         still_serving(p)
     assert p_closed.wait_closed(1)[0]["outcome"] == "failure"
 
