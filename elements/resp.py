@@ -270,41 +270,41 @@ def _token(line: bytes, pos: int) -> tuple[bytes | None, int]:
     char = _at(line, pos)
     if char not in _QUOTES:
         return bytes(out), pos + (char != 0)
-    pos = _QUOTED[char](line, pos + 1, out)
+    pos = _quoted(line, pos + 1, out, char)
     if pos < 0 or _at(line, pos + 1) not in _AFTER_QUOTE:
         return None, pos
     return bytes(out), pos + 1
 
 
-def _double_quoted(line: bytes, pos: int, out: bytearray) -> int:
-    """Inside "...": \\xHH and \\n-style escapes; the closing quote's position, -1 if none."""
+def _quoted(line: bytes, pos: int, out: bytearray, quote: int) -> int:
+    """Inside "..." or '...' from `pos`: the closing quote's position, -1 if none (unbalanced)."""
+    escape = _double_escape if quote == 0x22 else _single_escape
     while char := _at(line, pos):
-        if char == 0x5C and _at(line, pos + 1) == 0x78 and _at(line, pos + 2) in _HEX and _at(line, pos + 3) in _HEX:
-            out.append(int(line[pos + 2:pos + 4], 16))
-            pos += 4
-        elif char == 0x5C and _at(line, pos + 1):
-            out.append(_ESCAPES.get(_at(line, pos + 1), _at(line, pos + 1)))
-            pos += 2
-        elif char == 0x22:
+        if char == quote:
             return pos
-        else:
+        taken = escape(line, pos, out) if char == 0x5C else 0
+        if not taken:
             out.append(char)
-            pos += 1
+        pos += taken or 1
     return -1
 
 
-def _single_quoted(line: bytes, pos: int, out: bytearray) -> int:
-    """Inside '...': only \\' escapes; the closing quote's position, -1 if none."""
-    while char := _at(line, pos):
-        if char == 0x5C and _at(line, pos + 1) == 0x27:
-            out.append(0x27)
-            pos += 2
-        elif char == 0x27:
-            return pos
-        else:
-            out.append(char)
-            pos += 1
-    return -1
+def _double_escape(line: bytes, pos: int, out: bytearray) -> int:
+    """A backslash in "...": \\xHH, or the byte after it (\\n \\r \\t \\b \\a mapped); the bytes it
+    takes, 0 when it is a plain backslash (the last byte of the line)."""
+    if _at(line, pos + 1) == 0x78 and _at(line, pos + 2) in _HEX and _at(line, pos + 3) in _HEX:
+        out.append(int(line[pos + 2:pos + 4], 16))
+        return 4
+    following = _at(line, pos + 1)
+    if following:
+        out.append(_ESCAPES.get(following, following))
+        return 2
+    return 0
 
 
-_QUOTED = {0x22: _double_quoted, 0x27: _single_quoted}
+def _single_escape(line: bytes, pos: int, out: bytearray) -> int:
+    """A backslash in '...': only \\' is an escape."""
+    if _at(line, pos + 1) == 0x27:
+        out.append(0x27)
+        return 2
+    return 0

@@ -1051,26 +1051,12 @@ class Run:
             assert outcome is None
 
 
+@pytest.mark.parametrize("actions", [GENTLE_ACTIONS, HARSH_ACTIONS, HOLDING_ACTIONS],
+                         ids=["pass-replace-drop-hold", "close-reset-failure", "holding-across-many-chunks"])
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario=scenarios(), data=st.data())
-def test_pass_replace_and_drop_match_the_model(scenario: Scenario, data: st.DataObject) -> None:
-    run = Run(scenario, data, GENTLE_ACTIONS)
-    run.go()
-    run.check_end()
-
-
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenario=scenarios(), data=st.data())
-def test_close_reset_and_failure_match_the_model(scenario: Scenario, data: st.DataObject) -> None:
-    run = Run(scenario, data, HARSH_ACTIONS)
-    run.go()
-    run.check_end()
-
-
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenario=scenarios(), data=st.data())
-def test_holding_across_many_chunks_matches_the_model(scenario: Scenario, data: st.DataObject) -> None:
-    run = Run(scenario, data, HOLDING_ACTIONS)
+def test_the_chain_matches_the_model(actions: list[object], scenario: Scenario, data: st.DataObject) -> None:
+    run = Run(scenario, data, actions)
     run.go()
     run.check_end()
 
