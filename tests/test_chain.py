@@ -99,7 +99,7 @@ def test_close_goes_only_to_elements_that_saw_the_connection() -> None:
     h = started(ChainPlan(request=(Stage(0),), response=(Stage(1),)))
     assert h.eof(RESP) == [Data(1, 1, RESP, b"", eos=True)]
     assert h.verdict(1, 1) == [Eof(RESP)]
-    h.flow.reset(Outcome.PEER_RESET, "client reset")  # element 0 never saw this connection
+    h.flow.end(Outcome.PEER_RESET, "client reset")  # element 0 never saw this connection
     assert h.take() == [Close(1, Outcome.PEER_RESET), Finish(Outcome.PEER_RESET)]
 
 
@@ -241,7 +241,7 @@ def test_reset_ends_at_once_and_nothing_more_is_written() -> None:
                                       Close(2, Outcome.RESET_BY_ELEMENT), Finish(Outcome.RESET_BY_ELEMENT)]
     assert h.verdict(2, 1) == [] and h.verdict(2, 3) == []
     assert h.feed(REQ, b"c") == [] and h.eof(REQ) == [] and h.eof(RESP) == []
-    h.flow.reset(Outcome.PEER_RESET, "late")
+    h.flow.end(Outcome.PEER_RESET, "late")
     assert h.take() == [] and h.out.finished == [Finish(Outcome.RESET_BY_ELEMENT)]
 
 
@@ -266,8 +266,8 @@ def test_peer_reset_ends_the_flow_once() -> None:
     h = started(THREE)
     h.feed(REQ, b"a")
     h.take()
-    h.flow.reset(Outcome.PEER_RESET, "upstream RST")
-    h.flow.reset(Outcome.PEER_RESET, "again")
+    h.flow.end(Outcome.PEER_RESET, "upstream RST")
+    h.flow.end(Outcome.PEER_RESET, "again")
     assert h.take() == [Close(0, Outcome.PEER_RESET), Finish(Outcome.PEER_RESET)]
     assert h.verdict(0, 1) == []
 
@@ -341,7 +341,7 @@ class ResetInside(Recorder):
 
     def _maybe_reset(self, call: object) -> None:
         if call == self.when and self.flow is not None:
-            self.flow.reset(Outcome.FAILURE, "ended from inside a call")
+            self.flow.end(Outcome.FAILURE, "ended from inside a call")
 
     def send_open(self, element: int, metadata: Mapping[str, str], target: VerdictTarget | None,
                   pos: int) -> None:

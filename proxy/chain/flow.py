@@ -157,10 +157,6 @@ class Flow:
         first.stop_input(seq)
         other.stop_input(None)
 
-    def reset(self, outcome: Outcome, detail: str) -> None:
-        """Ends the connection at once with RST both ways; nothing pending is written."""
-        self.end(outcome, detail)
-
     def lane_done(self) -> None:
         if self.request.state is DONE and self.response.state is DONE:
             self.end(Outcome.CLOSED_BY_ELEMENT if self.state is FlowState.CLOSING else Outcome.COMPLETED, "")

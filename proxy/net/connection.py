@@ -229,7 +229,7 @@ class Connection:
             self.destination = self.context.target
         else:
             self._log_open()
-            self.flow.reset(Outcome.NOT_REDIRECTED, "not redirected (its original destination is the proxy's own "
+            self.flow.end(Outcome.NOT_REDIRECTED, "not redirected (its original destination is the proxy's own "
                                          "address) and TARGET_ADDR is unset: the proxy never dials itself")
             return
         self._log_open()
@@ -355,11 +355,11 @@ class Connection:
                 sock.close()
             if not self.dial_timed_out:
                 raise
-            self.flow.reset(Outcome.UPSTREAM_UNREACHABLE, f"dialing {destination} failed: timed out")
+            self.flow.end(Outcome.UPSTREAM_UNREACHABLE, f"dialing {destination} failed: timed out")
         except OSError as error:
             if sock is not None:
                 sock.close()
-            self.flow.reset(Outcome.UPSTREAM_UNREACHABLE,
+            self.flow.end(Outcome.UPSTREAM_UNREACHABLE,
                             f"dialing {destination} failed: {error.strerror or str(error)}")
         finally:
             timer.cancel()
@@ -399,7 +399,7 @@ class Connection:
         if self.flow.ended:
             return
         side = "client" if reads == Direction.REQUEST else "upstream"
-        self.flow.reset(Outcome.PEER_RESET, f"{side} {'reset: ' + str(exc) if exc else 'closed'}")
+        self.flow.end(Outcome.PEER_RESET, f"{side} {'reset: ' + str(exc) if exc else 'closed'}")
 
     def writable_again(self, reads: Direction) -> None:
         """The socket feeding lane `reads` drained its write buffer: finish a deferred

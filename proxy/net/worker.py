@@ -130,9 +130,9 @@ class Worker:
             now = time.monotonic()
             for connection in list(self.connections.values()):
                 if longest and now - connection.started > longest:
-                    connection.flow.reset(Outcome.MAX_DURATION, f"open longer than {self.config.max_duration_ms} ms")
+                    connection.flow.end(Outcome.MAX_DURATION, f"open longer than {self.config.max_duration_ms} ms")
                 elif idle and now - connection.last_active > idle:
-                    connection.flow.reset(Outcome.IDLE_TIMEOUT, f"idle for {self.config.idle_timeout_ms} ms")
+                    connection.flow.end(Outcome.IDLE_TIMEOUT, f"idle for {self.config.idle_timeout_ms} ms")
 
     def opened(self, connection: Connection) -> None:
         self.connections[connection.id] = connection
@@ -207,7 +207,7 @@ class Worker:
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for connection in list(self.connections.values()):
-            connection.flow.reset(Outcome.PROXY_STOPPING, f"still open after drain_timeout_ms "
+            connection.flow.end(Outcome.PROXY_STOPPING, f"still open after drain_timeout_ms "
                                                           f"({self.config.drain_timeout_ms})")
         await self.chain.stop()
 
