@@ -660,7 +660,7 @@ def test_a_session_whose_write_fails_first_reconnects(monkeypatch: pytest.Monkey
         async def Describe(self, request: Any, timeout: float) -> Any:
             return pb.Description(name="dies")
 
-    def open_session(channel: Any) -> _FinishedCall:
+    def open_session(channel: Any, metadata: Any = None) -> _FinishedCall:
         opened.append(_FinishedCall())
         return opened[-1]
 

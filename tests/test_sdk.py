@@ -16,8 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from elements.api import element_pb2 as pb
 from elements.api import element_pb2_grpc as pb_grpc
 from tests.elements_for_tests.client import (
-    RESPONSE, Arrival, by_key, close_event, data_event, exchange, open_event, verdicts,
+    RESPONSE, Arrival, by_key, close_event, data_event, exchange, exchange_async, open_event, verdicts,
 )
+from proxy.sessions.late import VERDICTS_METADATA
 from tests.procs import Proc, start_element
 
 PROBE = "tests.elements_for_tests.probe"
@@ -83,6 +84,18 @@ def test_observe_mode_runs_hooks_but_sends_no_verdicts() -> None:
                  close_event("o1", 3, 10)]
         assert exchange(port, batch) == []
         proc.wait_for_output("closed o1 COMPLETED 3 10")
+
+
+def test_asked_for_changes_only_the_element_leaves_plain_passes_out() -> None:
+    """A proxy in detect or shadow mode opens the Session with `element-proxy-verdicts: changes`
+    (VERDICTS_METADATA): the firewall sends its RESET and no PASS; asked without it, it answers all."""
+    proc, port = start_element("elements.firewall", "--pattern", "EVIL")
+    with proc:
+        batch = [data_event("c1", 1, b"fine"), data_event("c1", 2, b"still fine"), data_event("c2", 1, b"EVIL")]
+        changes = verdicts(asyncio.run(exchange_async(port, [batch], metadata=VERDICTS_METADATA)))
+        assert [(v.connection_id, v.sequence, v.action) for v in changes] == [("c2", 1, pb.ACTION_RESET)]
+        every = verdicts(exchange(port, [data_event("c3", 1, b"fine"), data_event("c4", 1, b"EVIL")]))
+        assert [(v.connection_id, v.action) for v in every] == [("c3", pb.ACTION_PASS), ("c4", pb.ACTION_RESET)]
 
 
 def test_hook_exception_resets_that_event_and_the_stream_goes_on(probe: tuple[Proc, int]) -> None:

@@ -60,6 +60,11 @@ class ElementServicer:
         Inline elements answer every Open (when `wants_open`) and Data event with
         exactly one Verdict; observe-mode elements are never waited for and may
         answer nothing. Close events are never answered.
+        A Session call with the metadata `element-proxy-verdicts: changes` comes
+        from a proxy that runs the element in the operator's detect or shadow mode:
+        it never waits for these verdicts and needs only those that would change
+        traffic, so the element may leave out every plain PASS (no data, metadata,
+        reply or done). The SDK does; an element that answers everything is right too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -49,9 +49,12 @@ class Dispatcher:
     connection's hooks still run in order. `ready` is set when `outbox` has verdicts.
     """
 
-    def __init__(self, element: Element, answer: bool) -> None:
+    def __init__(self, element: Element, answer: bool, changes_only: bool = False) -> None:
         self.element = element
         self.answer = answer
+        # the proxy asked for changes only (`element-proxy-verdicts: changes`, proto rpc Session):
+        # it never waits for these verdicts, so a plain PASS is left out
+        self.changes_only = changes_only
         self.outbox = pb.SessionResponse()
         self.ready = asyncio.Event()
         self.closed = False
@@ -207,6 +210,8 @@ class Dispatcher:
         if kind == "close":
             self._connections.pop(conn.id, None)
         elif self.answer and (kind == "data" or self.element.wants_open):
+            if self.changes_only and _plain_pass(result):
+                return
             if result is None:
                 self.outbox.verdicts.add(connection_id=conn.id, sequence=_sequence(kind, body),
                                          action=pb.ACTION_PASS)
@@ -235,6 +240,12 @@ class Dispatcher:
         elif self.answer and (kind == "data" or self.element.wants_open):
             self.outbox.verdicts.add(connection_id=conn.id, sequence=_sequence(kind, body),
                                      action=pb.ACTION_RESET)
+
+
+def _plain_pass(result: Any) -> bool:
+    """A verdict that changes nothing: None, or PASS with no data, metadata, reply or done."""
+    return result is None or (isinstance(result, Verdict) and result.action == Action.PASS and result.data is None
+                              and not result.metadata and not result.reply and not result.done)
 
 
 def _sequence(kind: str, body: Any) -> int:

@@ -17,6 +17,9 @@ from elements.sdk.element import Element, Mode
 log = logging.getLogger("elements")
 
 ELEMENT_SERVICE = pb.DESCRIPTOR.services_by_name["Element"].full_name
+# A proxy that never waits for this session's verdicts (detect or shadow mode) asks for the ones
+# that change traffic only (proto/element.proto, rpc Session).
+VERDICTS_KEY, VERDICTS_CHANGES = "element-proxy-verdicts", "changes"
 
 
 class Servicer(pb_grpc.ElementServicer):
@@ -32,7 +35,8 @@ class Servicer(pb_grpc.ElementServicer):
         return sum(dispatcher.open_connections for dispatcher in self._dispatchers)
 
     async def Session(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
-        dispatcher = Dispatcher(self.element, answer=self.element.mode != Mode.OBSERVE)
+        changes_only = (VERDICTS_KEY, VERDICTS_CHANGES) in (context.invocation_metadata() or ())
+        dispatcher = Dispatcher(self.element, answer=self.element.mode != Mode.OBSERVE, changes_only=changes_only)
         self._dispatchers.add(dispatcher)
         reader = asyncio.create_task(_read(request_iterator, dispatcher))
         writer = asyncio.create_task(_write(context, dispatcher))

@@ -92,8 +92,8 @@ class Lane:
     """One direction: `feed` and `feed_eof` from its source, `on_verdict` from its stages' elements."""
 
     __slots__ = ("flow", "direction", "stages", "limits", "ports", "sockets", "emit", "fifos", "seen", "exhausted",
-                 "held", "pending", "in_flight", "in_flight_bytes", "state", "reading", "passthrough", "pumping",
-                 "groups")
+                 "held", "pending", "in_flight", "in_flight_bytes", "state", "reading", "passthrough", "tapping",
+                 "pumping", "groups")
 
     def __init__(self, flow: LaneOwner, direction: Direction, stages: tuple[Stage, ...], limits: LaneLimits) -> None:
         self.flow = flow
@@ -113,6 +113,8 @@ class Lane:
         self.state = READING
         self.reading = True
         self.passthrough = not stages
+        # no stage waits (observe, detect, shadow): a read goes to each element and straight out
+        self.tapping = bool(stages) and not any(stage.inline for stage in stages)
         self.pumping = False
         self.groups: dict[int, Group] | None = None  # parallel stages by position, made at their first chunk
 
@@ -127,9 +129,13 @@ class Lane:
         """Bytes read from this direction's source."""
         if self.state is not READING:
             return
-        if self.in_flight == 0 and self.passthrough:
-            self.emit(data)
-            return
+        if self.in_flight == 0:
+            if self.passthrough:
+                self.emit(data)
+                return
+            if self.tapping and len(data) <= self.limits.chunk_size:
+                self._tap(data)
+                return
         if not self.pending.size and self.in_flight < self.limits.window and len(data) <= self.limits.chunk_size:
             self._dispatch(data, False)
         else:
@@ -320,24 +326,39 @@ class Lane:
             pos += 1
         self._leave(chunk)
 
+    def _tap(self, data: Payload) -> None:
+        """A read on a lane where no stage waits and nothing is in flight: to every element that
+        still wants it, then out, with none of the chunk bookkeeping a wait would need."""
+        seq = self.flow.next_seq()
+        exhausted = self.exhausted
+        for pos, stage in enumerate(self.stages):
+            if not exhausted[pos]:
+                self._account(stage, pos, len(data))
+                self.ports[stage.element].send_data(self.flow.id, seq, self.direction, data, False, None, None, pos)
+                if self.state is ENDED:
+                    return
+        self.emit(data)
+
+    def _account(self, stage: Stage, pos: int, size: int) -> None:
+        """The stage's element is about to see `size` more bytes: its byte limit, its first event."""
+        self.seen[pos] += size
+        if stage.byte_limit and self.seen[pos] >= stage.byte_limit:
+            self.exhaust(pos)
+        if stage.element not in self.flow.touched:
+            self.flow.use(stage.element)
+
     def _send(self, stage: Stage, pos: int, chunk: _Chunk) -> bool:
         """Sends the chunk to the stage's element; True when the stage holds it for the verdict."""
         if stage.peers:
             return self._send_group(stage, pos, chunk)
-        self.seen[pos] += len(chunk.data)
-        if stage.byte_limit and self.seen[pos] >= stage.byte_limit:
-            self.exhaust(pos)
-        flow = self.flow
-        element = stage.element
-        if element not in flow.touched:
-            flow.use(element)
+        self._account(stage, pos, len(chunk.data))
         if stage.inline:
             self.fifos[pos].append(chunk)
-            self.ports[element].send_data(flow.id, chunk.seq, self.direction, chunk.data, chunk.eos, chunk.metadata,
-                                          self, pos)
+            self.ports[stage.element].send_data(self.flow.id, chunk.seq, self.direction, chunk.data, chunk.eos,
+                                                chunk.metadata, self, pos)
             return True
-        self.ports[element].send_data(flow.id, chunk.seq, self.direction, chunk.data, chunk.eos, chunk.metadata,
-                                      None, pos)
+        self.ports[stage.element].send_data(self.flow.id, chunk.seq, self.direction, chunk.data, chunk.eos,
+                                            chunk.metadata, None, pos)
         return False
 
     def _send_group(self, stage: Stage, pos: int, chunk: _Chunk) -> bool:

@@ -41,7 +41,7 @@ from proxy.config import ElementConfig
 from proxy.sessions.drain import DrainWatch
 from proxy.sessions.endpoint import Endpoint
 from proxy.sessions.faultlog import FaultLog
-from proxy.sessions.late import LateVerdicts
+from proxy.sessions.late import VERDICTS_METADATA, LateVerdicts
 from elements.logs import fields
 from proxy.operations.stats import ElementStats
 from proxy.sessions.validate import DATA, END_OF_STREAM, OPEN, VerdictLimits, description_problem, verdict_problem
@@ -178,14 +178,32 @@ class ElementSession:
 
     def send_data(self, connection_id: str, seq: int, direction: Direction, data: Payload, end_of_stream: bool,
                   metadata: Mapping[str, str] | None, target: HoldingTarget | None, pos: int) -> None:
-        if target is None and self._outbox_bytes > OBSERVE_BACKLOG_BYTES:
-            self.stats.failures["backlog_full"] += 1
+        if target is None:
+            self._send_unawaited(connection_id, seq, direction, data, end_of_stream, metadata)
             return
         self._send(data_event(connection_id, seq, direction, data, end_of_stream, metadata), "data",
                    connection_id, seq, target, pos, direction, -1 if end_of_stream else len(data))
 
+    def _send_unawaited(self, connection_id: str, seq: int, direction: Direction, data: Payload,
+                        end_of_stream: bool, metadata: Mapping[str, str] | None) -> None:
+        """A Data event nobody waits for (observe, detect, shadow): the no-wait path's every event, so
+        it does only what such an event needs; dropped and counted past the backlog."""
+        if self._outbox_bytes > OBSERVE_BACKLOG_BYTES:
+            self.stats.failures["backlog_full"] += 1
+            return
+        event = data_event(connection_id, seq, direction, data, end_of_stream, metadata)
+        if not self.up or self.breaker.tripped:
+            self._send(event, "data", connection_id, seq, None, 0)  # says why, at most once a second
+            return
+        self.stats.events["data"] += 1
+        if self._late is not None:
+            self._late.expect((connection_id, seq), time.monotonic())
+        self._queue(event)
+
     def send_close(self, connection: Peer, outcome: Outcome) -> None:
         self._live.pop(connection.id, None)
+        if self._late is not None:
+            self._late.end(connection.id, time.monotonic())
         if self._holding:
             for direction in (Direction.REQUEST, Direction.RESPONSE):
                 self._holding.pop((connection.id, direction), None)
@@ -265,7 +283,7 @@ class ElementSession:
             try:
                 stub = pb_grpc.ElementStub(channel)
                 self._accept(await stub.Describe(pb.DescribeRequest(), timeout=DESCRIBE_TIMEOUT))
-                call = open_session(channel)
+                call = open_session(channel, VERDICTS_METADATA if self._late is not None else None)
                 self.drain.start(channel)
                 self._come_up()
                 backoff = BACKOFF_FIRST

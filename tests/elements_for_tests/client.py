@@ -39,10 +39,12 @@ class Arrival:
 
 
 async def exchange_async(port: int, batches: Iterable[Iterable[pb.Event]],
-                         on_arrival: Callable[[Arrival], None] | None = None) -> list[Arrival]:
-    """Writes every batch on one Session, half-closes, and reads until the element ends the stream."""
+                         on_arrival: Callable[[Arrival], None] | None = None,
+                         metadata: tuple[tuple[str, str], ...] | None = None) -> list[Arrival]:
+    """Writes every batch on one Session (opened with `metadata`), half-closes, and reads until the
+    element ends the stream."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = pb_grpc.ElementStub(channel).Session()
+        call = pb_grpc.ElementStub(channel).Session(metadata=metadata)
         start = time.monotonic()
         for batch in batches:
             await call.write(pb.SessionRequest(events=list(batch)))
