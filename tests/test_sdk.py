@@ -18,7 +18,7 @@ from elements.api import element_pb2_grpc as pb_grpc
 from tests.elements_for_tests.client import (
     RESPONSE, Arrival, by_key, close_event, data_event, exchange, exchange_async, open_event, verdicts,
 )
-from proxy.sessions.late import VERDICTS_METADATA
+from elements.api import VERDICTS_METADATA
 from tests.procs import Proc, start_element
 
 PROBE = "tests.elements_for_tests.probe"

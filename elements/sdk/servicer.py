@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from elements.api import VERDICTS_METADATA
 from elements.api import element_pb2 as pb
 from elements.api import element_pb2_grpc as pb_grpc
 from elements.sdk import process as process_rpc
@@ -17,9 +18,6 @@ from elements.sdk.element import Element, Mode
 log = logging.getLogger("elements")
 
 ELEMENT_SERVICE = pb.DESCRIPTOR.services_by_name["Element"].full_name
-# A proxy that never waits for this session's verdicts (detect or shadow mode) asks for the ones
-# that change traffic only (proto/element.proto, rpc Session).
-VERDICTS_KEY, VERDICTS_CHANGES = "element-proxy-verdicts", "changes"
 
 
 class Servicer(pb_grpc.ElementServicer):
@@ -35,7 +33,7 @@ class Servicer(pb_grpc.ElementServicer):
         return sum(dispatcher.open_connections for dispatcher in self._dispatchers)
 
     async def Session(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
-        changes_only = (VERDICTS_KEY, VERDICTS_CHANGES) in (context.invocation_metadata() or ())
+        changes_only = VERDICTS_METADATA[0] in (context.invocation_metadata() or ())
         dispatcher = Dispatcher(self.element, answer=self.element.mode != Mode.OBSERVE, changes_only=changes_only)
         self._dispatchers.add(dispatcher)
         reader = asyncio.create_task(_read(request_iterator, dispatcher))

@@ -12,8 +12,8 @@ waits for it. Its verdicts still arrive, and come here:
   (would_drop, would_close, would_reset, would_replace) and the first one of each connection
   is logged at info, so a rule can be rolled out against real traffic safely.
 
-Such a session is opened with `element-proxy-verdicts: changes` (VERDICTS_METADATA): the element
-may leave out its plain PASS verdicts, which would change nothing here. So no verdict is certain
+Such a session is opened with `element-proxy-verdicts: changes` (elements.api.VERDICTS_METADATA):
+the element may leave out its plain PASS verdicts, which would change nothing here. So no verdict is certain
 to come: the sent-at times kept for the delay are only the latest events' (two generations of
 GENERATION), and a verdict is taken when its event's time is kept or its connection is live or
 ended lately; one for a connection this session never carried, or that ended long ago, is a stray.
@@ -34,9 +34,6 @@ log = logging.getLogger("proxy.session")
 _WOULD = {Action.DROP: "drop", Action.CLOSE: "close", Action.RESET: "reset"}
 _SAID = {"drop": "dropped a chunk of", "close": "closed", "reset": "reset", "replace": "replaced bytes of"}
 _ENFORCED = frozenset((Action.CLOSE, Action.RESET))
-# The Session call's metadata that tells the element its plain PASS verdicts may be left out
-# (proto/element.proto, rpc Session): nothing waits for them and a PASS changes nothing.
-VERDICTS_METADATA = (("element-proxy-verdicts", "changes"),)
 # Sent-at times of the latest events, and ids of the connections ended lately, are kept in two
 # generations of this many each (the older one dropped whole when the younger fills): bounded
 # memory and O(1) work per event, whatever the element leaves unanswered.

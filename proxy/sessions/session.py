@@ -32,6 +32,7 @@ from typing import cast
 
 import grpc
 
+from elements.api import VERDICTS_METADATA
 from elements.api import element_pb2 as pb
 from elements.api import element_pb2_grpc as pb_grpc
 from proxy.sessions.breaker import Breaker
@@ -41,7 +42,7 @@ from proxy.config import ElementConfig
 from proxy.sessions.drain import DrainWatch
 from proxy.sessions.endpoint import Endpoint
 from proxy.sessions.faultlog import FaultLog
-from proxy.sessions.late import VERDICTS_METADATA, LateVerdicts
+from proxy.sessions.late import LateVerdicts
 from elements.logs import fields
 from proxy.operations.stats import ElementStats
 from proxy.sessions.validate import DATA, END_OF_STREAM, OPEN, VerdictLimits, description_problem, verdict_problem
@@ -178,27 +179,11 @@ class ElementSession:
 
     def send_data(self, connection_id: str, seq: int, direction: Direction, data: Payload, end_of_stream: bool,
                   metadata: Mapping[str, str] | None, target: HoldingTarget | None, pos: int) -> None:
-        if target is None:
-            self._send_unawaited(connection_id, seq, direction, data, end_of_stream, metadata)
+        if target is None and self._outbox_bytes > OBSERVE_BACKLOG_BYTES:
+            self.stats.failures["backlog_full"] += 1
             return
         self._send(data_event(connection_id, seq, direction, data, end_of_stream, metadata), "data",
                    connection_id, seq, target, pos, direction, -1 if end_of_stream else len(data))
-
-    def _send_unawaited(self, connection_id: str, seq: int, direction: Direction, data: Payload,
-                        end_of_stream: bool, metadata: Mapping[str, str] | None) -> None:
-        """A Data event nobody waits for (observe, detect, shadow): the no-wait path's every event, so
-        it does only what such an event needs; dropped and counted past the backlog."""
-        if self._outbox_bytes > OBSERVE_BACKLOG_BYTES:
-            self.stats.failures["backlog_full"] += 1
-            return
-        event = data_event(connection_id, seq, direction, data, end_of_stream, metadata)
-        if not self.up or self.breaker.tripped:
-            self._send(event, "data", connection_id, seq, None, 0)  # says why, at most once a second
-            return
-        self.stats.events["data"] += 1
-        if self._late is not None:
-            self._late.expect((connection_id, seq), time.monotonic())
-        self._queue(event)
 
     def send_close(self, connection: Peer, outcome: Outcome) -> None:
         self._live.pop(connection.id, None)

@@ -151,6 +151,6 @@ def session_request(events: Iterable[EncodedEvent]) -> bytes:
 def open_session(channel: grpc.aio.Channel,
                  metadata: tuple[tuple[str, str], ...] | None = None) -> grpc.aio.StreamStreamCall:
     """Element.Session with requests sent as the bytes this module encodes (no serializer), and
-    the call's `metadata` (late.VERDICTS_METADATA for a session nobody waits for)."""
+    the call's `metadata` (elements.api.VERDICTS_METADATA for a session nobody waits for)."""
     return channel.stream_stream(SESSION_METHOD, request_serializer=None,
                                  response_deserializer=pb.SessionResponse.FromString)(metadata=metadata)
