@@ -33,6 +33,10 @@ class LaneState(enum.Enum):
     DONE = "done"              # the EOF was written out
     ENDED = "ended"            # the connection ended: nothing more happens here
 
+    # members are singletons: identity hashing spares Enum's Python-level __hash__ on each
+    # TRANSITIONS lookup (two per state change)
+    __hash__ = object.__hash__
+
 
 READING, EOF_QUEUED, EOF_SENT = LaneState.READING, LaneState.EOF_QUEUED, LaneState.EOF_SENT
 DRAINING, DONE, ENDED = LaneState.DRAINING, LaneState.DONE, LaneState.ENDED

@@ -39,12 +39,12 @@ def parse_sockaddr(raw: bytes) -> tuple[str, int]:
 
 def original_destination(sock: SockOpts) -> tuple[str, int] | None:
     """The pre-NAT destination, or None when conntrack has none (the connection was not redirected)."""
-    attempts = [(socket.SOL_IP, SO_ORIGINAL_DST, SOCKADDR_IN_SIZE)]
     if sock.family == socket.AF_INET6:
-        attempts.insert(0, (SOL_IPV6, IP6T_SO_ORIGINAL_DST, SOCKADDR_IN6_SIZE))
-    for level, option, size in attempts:
         try:
-            return parse_sockaddr(sock.getsockopt(level, option, size))
+            return parse_sockaddr(sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, SOCKADDR_IN6_SIZE))
         except OSError:
-            continue
-    return None
+            pass  # an IPv4 client of a dual-stack listener: conntrack knows it at the IPv4 level
+    try:
+        return parse_sockaddr(sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, SOCKADDR_IN_SIZE))
+    except OSError:
+        return None

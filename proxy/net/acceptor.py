@@ -120,7 +120,8 @@ class Acceptor:
                 reset(conn)
                 self.on_refused(why, client[:2])
                 continue
-            conn.setblocking(False)
+            # no setblocking(False): uvloop's transport makes the descriptor non-blocking itself
+            # (libuv's uv_tcp_open), and a second ioctl per connection costs under churn
             self.on_accepted(conn, client)
 
     def _accept(self) -> tuple[AcceptedSocket, tuple[str, int]]:

@@ -11,6 +11,7 @@ write_eof path aborted the whole process (DESIGN.md, "Known hazard").
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import ipaddress
 import logging
@@ -63,7 +64,7 @@ async def _resolve(loop: asyncio.AbstractEventLoop, destination: HostPort) -> tu
     return family, address
 
 
-def _shutdown_write(sock: socket.socket) -> None:
+def _shutdown_write(sock: _socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
@@ -72,8 +73,9 @@ def _shutdown_write(sock: socket.socket) -> None:
 
 def _half_close_transport(transport: asyncio.Transport) -> None:
     """For a socket uvloop made (the upstream): a socket object over its descriptor, detached after."""
-    # shutdown() ignores the family: naming one spares socket() three getsockopt probes
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, transport.get_extra_info("socket").fileno())
+    # shutdown() ignores the family: naming one spares socket() three getsockopt probes; the C
+    # type (_socket) spares socket.socket's Python __init__ and detach, per connection
+    sock = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, transport.get_extra_info("socket").fileno())
     try:
         _shutdown_write(sock)
     finally:
@@ -149,7 +151,8 @@ class ClientSide(_Side):
         self.conn = Connection(self.context, self.accepted, cast(asyncio.Transport, transport))
         self.lane = self.conn.flow.request
         self.conn.start()
-        self.conn.loop.call_soon(self.conn.reassert_pauses)
+        if self.conn.paused[Direction.REQUEST]:
+            self.conn.loop.call_soon(self.conn.reassert_pauses)
 
 
 class UpstreamSide(_Side):
@@ -160,26 +163,27 @@ class UpstreamSide(_Side):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.conn.upstream_made(cast(asyncio.Transport, transport))
-        self.conn.loop.call_soon(self.conn.reassert_pauses)
+        if self.conn.paused[Direction.RESPONSE]:
+            self.conn.loop.call_soon(self.conn.reassert_pauses)
 
 
 def _other(direction: Direction) -> Direction:
     return Direction.RESPONSE if direction == Direction.REQUEST else Direction.REQUEST
 
 
-@dataclass(frozen=True, slots=True)
 class Accepted:
     """What the acceptor learnt from the socket it accepted, so the transport need not be asked:
     uvloop answers get_extra_info("socket").getsockopt() through a new Python socket object
-    each time (SO_ORIGINAL_DST that way was 6% of the proxy's time under connection churn)."""
+    each time (SO_ORIGINAL_DST that way was 6% of the proxy's time under connection churn).
+    A plain slots class: a frozen dataclass's __init__ costs an object.__setattr__ per field."""
 
-    sock: socket.socket  # kept by the transport until it closes, usable for shutdown() until then
-    listener: HostPort
-    client: tuple[str, int]
+    __slots__ = ("sock", "listener", "listener_key", "client")
 
-    @classmethod
-    def take(cls, sock: socket.socket, listener: HostPort, client: tuple[str, int]) -> Accepted:
-        return cls(sock, listener, (_plain_ip(client[0]), client[1]))
+    def __init__(self, sock: socket.socket, listener: HostPort, listener_key: str, client: tuple[str, int]) -> None:
+        self.sock = sock  # kept by the transport until it closes, usable for shutdown() until then
+        self.listener = listener
+        self.listener_key = listener_key  # str(listener), made once per listener: the worker's counters' key
+        self.client = (_plain_ip(client[0]), client[1])
 
     def redirected_to(self) -> HostPort | None:
         """The client's original destination, unless it is this proxy itself (no redirect)."""
@@ -220,7 +224,10 @@ class Connection:
         self.dial_timed_out = False
 
     def start(self) -> None:
-        self.pause(Direction.REQUEST, PAUSE_STARTING)
+        """Without Open stages the client is read while the upstream is dialed: what the chain
+        releases meanwhile waits in `early` (bounded by high_water), so no pause, no resume."""
+        if self.chain.plan.open:
+            self.pause(Direction.REQUEST, PAUSE_STARTING)
         self.context.opened(self)
         redirected_to = self.accepted.redirected_to()
         if redirected_to is not None:

@@ -31,6 +31,7 @@ from proxy.sessions.validate import VerdictLimits
 log = logging.getLogger("proxy")
 
 STARTUP_WAIT = 5.0
+OUTCOME_KEYS = {outcome: outcome.name.lower() for outcome in Outcome}  # made once, not per closed connection
 DESCRIPTOR_HEADROOM = 8  # for element channels that reconnect, the admin endpoint
 
 
@@ -76,7 +77,8 @@ class Worker:
                 sock = listening_socket(address, reuse_port)
             except OSError as error:
                 raise cannot_listen("listen", address, "--listen / listen", error) from error
-            acceptor = Acceptor(sock, self.refusal, functools.partial(self._serve, listener=address), self.refuse)
+            acceptor = Acceptor(sock, self.refusal, functools.partial(self._serve, listener=address,
+                                                                      listener_key=str(address)), self.refuse)
             acceptor.start()
             self.acceptors.append(acceptor)
             log.info("listening", extra=fields(address=str(address)))
@@ -84,9 +86,9 @@ class Worker:
         if self.config.idle_timeout_ms or self.config.max_duration_ms:
             self._sweeper = asyncio.create_task(self._sweep())
 
-    def _serve(self, sock: socket.socket, client: tuple[str, int], listener: HostPort) -> None:
+    def _serve(self, sock: socket.socket, client: tuple[str, int], listener: HostPort, listener_key: str) -> None:
         self.starting += 1
-        self.loop.create_task(self._start_connection(Accepted.take(sock, listener, client)))
+        self.loop.create_task(self._start_connection(Accepted(sock, listener, listener_key, client)))
 
     async def _start_connection(self, accepted: Accepted) -> None:
         """Wraps an accepted socket in a transport; connection_made creates the Connection."""
@@ -136,12 +138,12 @@ class Worker:
 
     def opened(self, connection: Connection) -> None:
         self.connections[connection.id] = connection
-        self.accepted[str(connection.accepted.listener)] += 1
+        self.accepted[connection.accepted.listener_key] += 1
 
     def closed(self, connection: Connection, outcome: Outcome) -> None:
         if self.connections.pop(connection.id, None) is None:
             return
-        name = outcome.name.lower()
+        name = OUTCOME_KEYS[outcome]
         self.outcomes[name] = self.outcomes.get(name, 0) + 1
         self.closed_bytes["request"] += connection.request_bytes
         self.closed_bytes["response"] += connection.response_bytes
@@ -151,7 +153,7 @@ class Worker:
         active = dict.fromkeys(self.accepted, 0)
         written = dict(self.closed_bytes)
         for connection in self.connections.values():
-            active[str(connection.accepted.listener)] += 1
+            active[connection.accepted.listener_key] += 1
             written["request"] += connection.request_bytes
             written["response"] += connection.response_bytes
         return {
