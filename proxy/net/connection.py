@@ -177,12 +177,11 @@ class Accepted:
     each time (SO_ORIGINAL_DST that way was 6% of the proxy's time under connection churn).
     A plain slots class: a frozen dataclass's __init__ costs an object.__setattr__ per field."""
 
-    __slots__ = ("sock", "listener", "listener_key", "client")
+    __slots__ = ("sock", "listener", "client")
 
-    def __init__(self, sock: socket.socket, listener: HostPort, listener_key: str, client: tuple[str, int]) -> None:
+    def __init__(self, sock: socket.socket, listener: HostPort, client: tuple[str, int]) -> None:
         self.sock = sock  # kept by the transport until it closes, usable for shutdown() until then
         self.listener = listener
-        self.listener_key = listener_key  # str(listener), made once per listener: the worker's counters' key
         self.client = (_plain_ip(client[0]), client[1])
 
     def redirected_to(self) -> HostPort | None:

@@ -31,7 +31,6 @@ from proxy.sessions.validate import VerdictLimits
 log = logging.getLogger("proxy")
 
 STARTUP_WAIT = 5.0
-OUTCOME_KEYS = {outcome: outcome.name.lower() for outcome in Outcome}  # made once, not per closed connection
 DESCRIPTOR_HEADROOM = 8  # for element channels that reconnect, the admin endpoint
 
 
@@ -60,8 +59,9 @@ class Worker:
                                          config.connect_timeout_ms, config.upstream_mark, self.opened, self.closed)
         self.connections: dict[str, Connection] = {}
         self.acceptors: list[Acceptor] = []
-        self.accepted = {str(address): 0 for address in config.listen}
-        self.outcomes: dict[str, int] = {}
+        # keyed by HostPort and Outcome, named in snapshot(): no string made per connection
+        self.accepted = {address: 0 for address in config.listen}
+        self.outcomes: dict[Outcome, int] = {}
         self.closed_bytes = {"request": 0, "response": 0}
         self.refused = 0
         self.starting = 0  # accepted, transport not made yet: counted against the limits
@@ -77,8 +77,7 @@ class Worker:
                 sock = listening_socket(address, reuse_port)
             except OSError as error:
                 raise cannot_listen("listen", address, "--listen / listen", error) from error
-            acceptor = Acceptor(sock, self.refusal, functools.partial(self._serve, listener=address,
-                                                                      listener_key=str(address)), self.refuse)
+            acceptor = Acceptor(sock, self.refusal, functools.partial(self._serve, listener=address), self.refuse)
             acceptor.start()
             self.acceptors.append(acceptor)
             log.info("listening", extra=fields(address=str(address)))
@@ -86,9 +85,9 @@ class Worker:
         if self.config.idle_timeout_ms or self.config.max_duration_ms:
             self._sweeper = asyncio.create_task(self._sweep())
 
-    def _serve(self, sock: socket.socket, client: tuple[str, int], listener: HostPort, listener_key: str) -> None:
+    def _serve(self, sock: socket.socket, client: tuple[str, int], listener: HostPort) -> None:
         self.starting += 1
-        self.loop.create_task(self._start_connection(Accepted(sock, listener, listener_key, client)))
+        self.loop.create_task(self._start_connection(Accepted(sock, listener, client)))
 
     async def _start_connection(self, accepted: Accepted) -> None:
         """Wraps an accepted socket in a transport; connection_made creates the Connection."""
@@ -138,13 +137,12 @@ class Worker:
 
     def opened(self, connection: Connection) -> None:
         self.connections[connection.id] = connection
-        self.accepted[connection.accepted.listener_key] += 1
+        self.accepted[connection.accepted.listener] += 1
 
     def closed(self, connection: Connection, outcome: Outcome) -> None:
         if self.connections.pop(connection.id, None) is None:
             return
-        name = OUTCOME_KEYS[outcome]
-        self.outcomes[name] = self.outcomes.get(name, 0) + 1
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self.closed_bytes["request"] += connection.request_bytes
         self.closed_bytes["response"] += connection.response_bytes
 
@@ -153,13 +151,13 @@ class Worker:
         active = dict.fromkeys(self.accepted, 0)
         written = dict(self.closed_bytes)
         for connection in self.connections.values():
-            active[connection.accepted.listener_key] += 1
+            active[connection.accepted.listener] += 1
             written["request"] += connection.request_bytes
             written["response"] += connection.response_bytes
         return {
-            "connections": {listener: {"active": active[listener], "total": total}
+            "connections": {str(listener): {"active": active[listener], "total": total}
                             for listener, total in self.accepted.items()},
-            "closed": dict(self.outcomes),
+            "closed": {outcome.name.lower(): count for outcome, count in self.outcomes.items()},
             "refused": self.refused,
             "bytes": written,
             "elements": {f"{fleet.index}:{fleet.name}": fleet.snapshot() for fleet in self.chain.fleets},
